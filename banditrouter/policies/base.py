@@ -1,0 +1,193 @@
+"""The one contract every routing policy implements (offline training, the router replica, the learner).
+
+    select(contexts, preferences, explore=...) -> Decisions   # arm, propensity, policy_version per row
+    update(BanditBatch) -> metrics                            # only the chosen arm's outcome per row
+    state_dict() / load_state_dict(state)                     # plain arrays + metadata, validated on load
+
+Nothing here knows about Ray. A policy sees a context (the prompt embedding), a preference
+w = (w_quality, w_cost) and, after it decides, the score and cost of the arm it chose.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from banditrouter.reward import check_preferences, reward
+
+
+@dataclass(frozen=True)
+class Decision:
+    arm: int
+    propensity: float
+    policy_version: int
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """Decisions for a batch of contexts. `propensities[i]` is the probability the policy gave `arms[i]` at
+    the moment it decided (1.0 for a deterministic choice): logged with the decision, it makes off-policy
+    learning and evaluation possible."""
+
+    arms: np.ndarray
+    propensities: np.ndarray
+    policy_version: int
+
+    def __len__(self) -> int:
+        return len(self.arms)
+
+    def __getitem__(self, i: int) -> Decision:
+        return Decision(int(self.arms[i]), float(self.propensities[i]), self.policy_version)
+
+    def __iter__(self) -> Iterator[Decision]:
+        return (self[i] for i in range(len(self)))
+
+
+@dataclass(frozen=True)
+class BanditBatch:
+    """Bandit samples: per row, the context, preference, chosen arm, its logged propensity and the observed
+    outcome of that arm only. `retrial` (ACQB) marks whether the user retried after the answer."""
+
+    contexts: np.ndarray
+    preferences: np.ndarray
+    arms: np.ndarray
+    propensities: np.ndarray
+    scores: np.ndarray
+    costs: np.ndarray
+    retrial: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.arms)
+        for name in ("contexts", "preferences", "propensities", "scores", "costs"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"BanditBatch.{name} has {len(getattr(self, name))} rows, arms has {n}")
+        if not (np.isfinite(self.scores).all() and np.isfinite(self.costs).all()):
+            raise ValueError("BanditBatch holds non-finite scores or costs; drop unobserved samples first")
+        if n and ((self.propensities <= 0) | (self.propensities > 1 + 1e-9)).any():
+            raise ValueError("BanditBatch propensities must lie in (0, 1]")
+
+    def __len__(self) -> int:
+        return len(self.arms)
+
+    def rewards(self, tau: float) -> np.ndarray:
+        return reward(self.scores, self.costs, self.preferences, tau)
+
+
+class StateError(ValueError):
+    """A checkpoint does not fit this policy (wrong models, shapes, non-finite values)."""
+
+
+@dataclass
+class PolicyState:
+    """What every checkpoint carries besides the policy's own arrays."""
+
+    models: tuple[str, ...]
+    context_dim: int
+    tau: float
+    version: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Policy(ABC):
+    """Base class: holds the arm names, the context width, the cost scale tau and the version counter."""
+
+    name: str = "policy"
+    full_information: bool = False
+    """True for references that train on every arm's outcome (never used as a bandit learner)."""
+
+    def __init__(self, models: Sequence[str], context_dim: int, tau: float, seed: int = 0):
+        if len(models) < 2:
+            raise ValueError("a routing policy needs at least two models")
+        if not (math.isfinite(tau) and tau > 0):
+            raise ValueError(f"tau must be a positive number, got {tau}")
+        self.models = tuple(models)
+        self.context_dim = int(context_dim)
+        self.tau = float(tau)
+        self.seed = seed
+        self.version = 0
+        self.rng = np.random.default_rng(seed)
+
+    @property
+    def n_arms(self) -> int:
+        return len(self.models)
+
+    # -- the contract -----------------------------------------------------------------------------------
+    @abstractmethod
+    def select(self, contexts: np.ndarray, preferences: np.ndarray, *, explore: bool = False) -> Decisions:
+        """Choose an arm per row. `explore=True` is the behaviour used while learning (sampling, UCB bonus,
+        epsilon); `explore=False` is the policy's best guess."""
+
+    @abstractmethod
+    def update(self, batch: BanditBatch) -> dict[str, float]:
+        """Learn from bandit samples; bumps `version`; returns training metrics."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.name,
+            "models": list(self.models),
+            "context_dim": self.context_dim,
+            "tau": self.tau,
+            "version": self.version,
+            "params": self._params(),
+            "config": self._config(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("policy") != self.name:
+            raise StateError(f"checkpoint is for policy {state.get('policy')!r}, not {self.name!r}")
+        if tuple(state.get("models", ())) != self.models:
+            raise StateError(f"checkpoint models {state.get('models')} differ from this pool {list(self.models)}")
+        if int(state.get("context_dim", -1)) != self.context_dim:
+            raise StateError(f"checkpoint context_dim {state.get('context_dim')} != {self.context_dim}")
+        tau = float(state.get("tau", float("nan")))
+        if not (math.isfinite(tau) and tau > 0):
+            raise StateError(f"checkpoint tau {tau} is not a positive number")
+        params = state.get("params", {})
+        expected = self._params()
+        if set(params) != set(expected):
+            raise StateError(f"checkpoint parameters {sorted(params)} differ from expected {sorted(expected)}")
+        for k, v in params.items():
+            arr, ref = np.asarray(v), np.asarray(expected[k])
+            if arr.shape != ref.shape:
+                raise StateError(f"parameter {k!r} has shape {arr.shape}, expected {ref.shape}")
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise StateError(f"parameter {k!r} holds non-finite values")
+        self.tau = tau
+        self._load_params({k: np.asarray(v) for k, v in params.items()})
+        self.version = int(state.get("version", 0))
+
+    # -- helpers for subclasses -------------------------------------------------------------------------
+    @abstractmethod
+    def _params(self) -> dict[str, np.ndarray]:
+        """Every learned array, as numpy (copies)."""
+
+    @abstractmethod
+    def _load_params(self, params: dict[str, np.ndarray]) -> None: ...
+
+    def _config(self) -> dict[str, Any]:
+        return {}
+
+    def _check_inputs(self, contexts: np.ndarray, preferences: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(contexts, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.context_dim:
+            raise ValueError(f"contexts must have shape (n, {self.context_dim}), got {x.shape}")
+        p = check_preferences(preferences)
+        if len(p) == 1 and len(x) > 1:
+            p = np.repeat(p, len(x), axis=0)
+        if len(p) != len(x):
+            raise ValueError(f"{len(x)} contexts but {len(p)} preferences")
+        return x, p
+
+
+def deterministic(arms: np.ndarray, version: int) -> Decisions:
+    return Decisions(np.asarray(arms, dtype=np.int64), np.ones(len(arms)), version)
+
+
+def linear_features(contexts: np.ndarray, preferences: np.ndarray) -> np.ndarray:
+    """Embedding ⊕ preference ⊕ bias: the features of the disjoint linear baselines."""
+    x = np.asarray(contexts, dtype=np.float64)
+    return np.hstack([x, np.asarray(preferences, dtype=np.float64), np.ones((len(x), 1))])
