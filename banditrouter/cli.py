@@ -21,7 +21,7 @@ TestFracOpt = typer.Option(0.3, "--test-fraction", help="Held-out fraction when 
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
+    console.print(f"[bold red]error:[/] {msg}", soft_wrap=True)
     raise typer.Exit(2)
 
 

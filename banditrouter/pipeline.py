@@ -72,10 +72,14 @@ def run_eval(
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}; choose from {sorted(POLICIES)}")
+    from banditrouter.embeddings import Embedder
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    test = load_split(dataset, split, data_dir=data_dir, test_fraction=test_fraction, seed=seed, limit=limit_test, progress=progress)
+    embedder = Embedder()  # one model load for both splits
+    test = load_split(dataset, split, data_dir=data_dir, test_fraction=test_fraction, seed=seed, limit=limit_test,
+                      embedder=embedder, progress=progress)
     loaded: dict[str, Policy] = {}
     for ckpt in checkpoints:
         pol = load_checkpoint(ckpt, seed=seed)
@@ -85,7 +89,8 @@ def run_eval(
     to_train = [p for p in policies if p not in loaded] if not checkpoints else []
     train = None
     if to_train:
-        train = load_split(dataset, "train", data_dir=data_dir, test_fraction=test_fraction, seed=seed, limit=limit_train, progress=progress)
+        train = load_split(dataset, "train", data_dir=data_dir, test_fraction=test_fraction, seed=seed, limit=limit_train,
+                           embedder=embedder, progress=progress)
         tau = cost_scale(train.log.costs, tau_quantile)
     else:
         tau = next(iter(loaded.values())).tau
