@@ -18,6 +18,8 @@ console = Console(stderr=True)
 DatasetOpt = typer.Option("routerbench", "--dataset", "-d", help="routerbench, llmrouter, or a path to a JSONL log.")
 DataDirOpt = typer.Option(None, "--data-dir", envvar="BANDITROUTER_DATA_DIR", help="Folder holding routerbench/ and llmrouter/ (default: ../shared/data when it exists).")
 TestFracOpt = typer.Option(0.3, "--test-fraction", help="Held-out fraction when the dataset is a JSONL file.")
+SamplerOpt = typer.Option("arcsine", "--preference-sampler", help="How training draws w_cost: arcsine (Beta(1/2,1/2)) or uniform.")
+TauOpt = typer.Option(0.95, "--tau-quantile", help="tau = this quantile of per-call cost in the training log.")
 
 
 def _fail(msg: str) -> None:
@@ -34,7 +36,8 @@ def train(
     seed: int = typer.Option(0, "--seed"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the split (default per policy)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use a seeded sample of this many prompts."),
-    tau_quantile: float = typer.Option(0.95, "--tau-quantile", help="tau = this quantile of per-call cost in the log."),
+    tau_quantile: float = TauOpt,
+    preference_sampler: str = SamplerOpt,
     data_dir: Optional[Path] = DataDirOpt,
     test_fraction: float = TestFracOpt,
 ):
@@ -44,7 +47,7 @@ def train(
 
     try:
         pol = run_train(dataset, policy, out, split=split, seed=seed, data_dir=data_dir, test_fraction=test_fraction,
-                        limit=limit, epochs=epochs, tau_quantile=tau_quantile)
+                        limit=limit, epochs=epochs, tau_quantile=tau_quantile, preference_sampler=preference_sampler)
     except (DataError, ValueError) as e:
         _fail(str(e))
     console.print(f"[green]saved[/] {pol.name} (version {pol.version}, tau={pol.tau:.3g}) to {out}")
@@ -62,7 +65,8 @@ def evaluate(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Override every policy's epochs (smoke runs)."),
     limit_train: Optional[int] = typer.Option(None, "--limit-train", help="Seeded sample of the train split."),
     limit_test: Optional[int] = typer.Option(None, "--limit-test", help="Seeded sample of the test split."),
-    tau_quantile: float = typer.Option(0.95, "--tau-quantile"),
+    tau_quantile: float = TauOpt,
+    preference_sampler: str = SamplerOpt,
     data_dir: Optional[Path] = DataDirOpt,
     test_fraction: float = TestFracOpt,
 ):
@@ -76,7 +80,7 @@ def evaluate(
     try:
         res = run_eval(dataset, out, split=split, seed=seed, policies=names, checkpoints=checkpoint, data_dir=data_dir,
                        test_fraction=test_fraction, limit_train=limit_train, limit_test=limit_test, epochs=epochs,
-                       tau_quantile=tau_quantile, log_fn=console.print)
+                       tau_quantile=tau_quantile, preference_sampler=preference_sampler, log_fn=console.print)
     except (DataError, ValueError, StateError, FileNotFoundError) as e:
         _fail(str(e))
     table = Table(title=f"{res['dataset']} {res['split']} (n={res['n_test']}, tau={res['tau']:.3g})")

@@ -13,7 +13,7 @@ import numpy as np
 from banditrouter.data import RoutingLog, load_dataset
 from banditrouter.evaluation import evaluate_policy, policy_aiq, references
 from banditrouter.policies import POLICIES, Policy, load_checkpoint, make_policy, save_checkpoint
-from banditrouter.reward import DEFAULT_TAU_QUANTILE, cost_scale
+from banditrouter.reward import DEFAULT_PREFERENCE_SAMPLER, DEFAULT_TAU_QUANTILE, cost_scale
 from banditrouter.training import train_policy
 
 EVAL_POLICIES = ("barp", "supervised", "linucb", "lints", "epsilon_greedy", "best_single", "cheapest", "random")
@@ -40,10 +40,12 @@ def load_split(dataset: str, split: str, *, data_dir=None, test_fraction: float 
 
 
 def train_one(name: str, train: Split, *, seed: int = 0, epochs: int | None = None, tau: float | None = None,
-              tau_quantile: float = DEFAULT_TAU_QUANTILE, progress: bool = True, **config) -> Policy:
+              tau_quantile: float = DEFAULT_TAU_QUANTILE, preference_sampler: str = DEFAULT_PREFERENCE_SAMPLER,
+              progress: bool = True, **config) -> Policy:
     tau = cost_scale(train.log.costs, tau_quantile) if tau is None else tau
     policy = make_policy(name, train.log.models, train.contexts.shape[1], tau, seed=seed, **config)
-    train_policy(policy, train.contexts, train.log, epochs=epochs, seed=seed, progress=progress)
+    train_policy(policy, train.contexts, train.log, epochs=epochs, seed=seed, progress=progress,
+                 preference_sampler=preference_sampler)
     return policy
 
 
@@ -61,6 +63,7 @@ def run_eval(
     limit_test: int | None = None,
     epochs: int | None = None,
     tau_quantile: float = DEFAULT_TAU_QUANTILE,
+    preference_sampler: str = DEFAULT_PREFERENCE_SAMPLER,
     progress: bool = True,
     log_fn=print,
 ) -> dict:
@@ -98,7 +101,8 @@ def run_eval(
     timings: dict[str, float] = {}
     for name in to_train:
         t = time.perf_counter()
-        trained[name] = train_one(name, train, seed=seed, epochs=epochs, tau=tau, progress=progress)
+        trained[name] = train_one(name, train, seed=seed, epochs=epochs, tau=tau, preference_sampler=preference_sampler,
+                                  progress=progress)
         timings[name] = round(time.perf_counter() - t, 2)
         log_fn(f"trained {name} in {timings[name]:.1f}s")
     results: dict = {
@@ -110,6 +114,7 @@ def run_eval(
         "models": list(test.log.models),
         "tau": tau,
         "tau_quantile": tau_quantile if train else None,
+        "preference_sampler": preference_sampler if train else None,
         "notes": list(test.log.notes),
         "references": references(test.log, tau),
         "policies": {},
@@ -132,8 +137,10 @@ def run_eval(
 
 def run_train(dataset: str, policy: str, out: Path, *, split: str = "train", seed: int = 0, data_dir=None,
               test_fraction: float = 0.3, limit: int | None = None, epochs: int | None = None,
-              tau_quantile: float = DEFAULT_TAU_QUANTILE, progress: bool = True) -> Policy:
+              tau_quantile: float = DEFAULT_TAU_QUANTILE, preference_sampler: str = DEFAULT_PREFERENCE_SAMPLER,
+              progress: bool = True) -> Policy:
     train = load_split(dataset, split, data_dir=data_dir, test_fraction=test_fraction, seed=seed, limit=limit, progress=progress)
-    pol = train_one(policy, train, seed=seed, epochs=epochs, tau_quantile=tau_quantile, progress=progress)
+    pol = train_one(policy, train, seed=seed, epochs=epochs, tau_quantile=tau_quantile,
+                    preference_sampler=preference_sampler, progress=progress)
     save_checkpoint(pol, out, extra={"dataset": dataset, "split": split, "n_train": len(train.log), "seed": seed})
     return pol

@@ -50,9 +50,20 @@ def check_preferences(preferences: np.ndarray) -> np.ndarray:
     return p / total
 
 
-def sample_preferences(n: int, rng: np.random.Generator) -> np.ndarray:
-    """w uniform on the 1-simplex ([ours], as BaRP's training)."""
-    wc = rng.uniform(0.0, 1.0, size=n)
+PREFERENCE_SAMPLERS = ("uniform", "arcsine")
+DEFAULT_PREFERENCE_SAMPLER = "arcsine"
+
+
+def sample_preferences(n: int, rng: np.random.Generator, kind: str = "uniform") -> np.ndarray:
+    """Training preferences w = (1 - w_c, w_c) [ours]: "uniform" draws w_c ~ U(0, 1) (uniform on the
+    simplex); "arcsine" draws w_c ~ Beta(1/2, 1/2), which puts more mass near both ends, where the best
+    arm changes fastest with w when one model is far dearer than the rest."""
+    if kind == "uniform":
+        wc = rng.uniform(0.0, 1.0, size=n)
+    elif kind == "arcsine":
+        wc = rng.beta(0.5, 0.5, size=n)
+    else:
+        raise ValueError(f"unknown preference sampler {kind!r}; choose one of {PREFERENCE_SAMPLERS}")
     return np.column_stack([1.0 - wc, wc])
 
 

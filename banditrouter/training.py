@@ -14,7 +14,7 @@ import numpy as np
 
 from banditrouter.data.log import RoutingLog
 from banditrouter.policies.base import BanditBatch, Policy
-from banditrouter.reward import sample_preferences
+from banditrouter.reward import DEFAULT_PREFERENCE_SAMPLER, sample_preferences
 
 DEFAULT_EPOCHS = {"barp": 100, "supervised": 40}
 """Epochs per policy when none is given: BaRP as in the paper's summary; the linear and static learners
@@ -51,9 +51,11 @@ def train_bandit(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = False,
+    preference_sampler: str = DEFAULT_PREFERENCE_SAMPLER,
 ) -> TrainHistory:
-    """Each epoch visits every prompt once in random order with a fresh preference w ~ U(simplex); the
-    policy picks arms with its exploring behaviour and learns from the revealed outcomes."""
+    """Each epoch visits every prompt once in random order with a fresh preference w drawn by
+    `preference_sampler`; the policy picks arms with its exploring behaviour and learns from the revealed
+    outcomes."""
     from tqdm import tqdm
 
     rng = np.random.default_rng(seed)
@@ -64,7 +66,7 @@ def train_bandit(
         rewards, count = 0.0, 0
         for s in range(0, n, batch_size):
             rows = perm[s : s + batch_size]
-            prefs = sample_preferences(len(rows), rng)
+            prefs = sample_preferences(len(rows), rng, preference_sampler)
             dec = policy.select(contexts[rows], prefs, explore=True)
             scores, costs = feedback.reveal(rows, dec.arms)
             seen = np.isfinite(scores) & np.isfinite(costs)
@@ -123,9 +125,11 @@ def train_policy(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = False,
+    preference_sampler: str = DEFAULT_PREFERENCE_SAMPLER,
 ) -> TrainHistory:
     """Full information for the supervised reference, bandit feedback for every other policy."""
     epochs = default_epochs(policy.name) if epochs is None else epochs
     if policy.full_information:
         return train_full_information(policy, contexts, log, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress)
-    return train_bandit(policy, contexts, BanditFeedback(log), epochs=epochs, batch_size=batch_size, seed=seed, progress=progress)
+    return train_bandit(policy, contexts, BanditFeedback(log), epochs=epochs, batch_size=batch_size, seed=seed,
+                        progress=progress, preference_sampler=preference_sampler)

@@ -55,7 +55,8 @@ def oracle_arms(log: RoutingLog, pref: np.ndarray | None, tau: float) -> np.ndar
     if pref is None:
         best = s.max(axis=1, keepdims=True)
         return np.where(s == best, c, np.inf).argmin(axis=1)
-    r = reward(s, c, np.tile(pref, (len(log), 1)), tau)
+    with np.errstate(invalid="ignore"):  # 0 * -inf for a missing cell at an extreme preference
+        r = reward(s, c, np.tile(pref, (len(log), 1)), tau)
     r = np.where(np.isfinite(r), r, -np.inf)
     # tie-break toward cheaper arms: argmax takes the first max, so order by cost first
     order = np.argsort(c, axis=1, kind="stable")

@@ -29,7 +29,7 @@ def plot_pareto(results: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(11.5, 6))
     for name, pol in results["policies"].items():
         pts = sorted(pol["points"], key=lambda p: p["cost"])
         ax.plot([p["cost"] for p in pts], [p["accuracy"] for p in pts], label=f"{name} (AIQ {pol['aiq']:.3f})", **_style(name))
@@ -46,7 +46,7 @@ def plot_pareto(results: dict, path: Path) -> Path:
     ax.set_ylabel("accuracy (mean score of the chosen model)")
     ax.set_title(f"{results['dataset']}: cost vs accuracy over w_cost = 0..1 (n_test = {results['n_test']})")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -60,16 +60,16 @@ def plot_preference_sweep(results: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    oracle = {p["w_cost"]: p["reward"] for p in results["references"]["oracle"]["points"]}
     for name, pol in results["policies"].items():
         pts = sorted(pol["points"], key=lambda p: p["w_cost"])
         w = [p["w_cost"] for p in pts]
         st = _style(name)
-        for ax, key in zip(axes, ("cost", "accuracy", "reward")):
-            ax.plot(w, [p[key] for p in pts], label=name, **st)
-    o = sorted(results["references"]["oracle"]["points"], key=lambda p: p["w_cost"])
-    axes[2].plot([p["w_cost"] for p in o], [p["reward"] for p in o], color="gold", ls=":", label="oracle")
+        axes[0].plot(w, [p["cost"] for p in pts], label=name, **st)
+        axes[1].plot(w, [p["accuracy"] for p in pts], label=name, **st)
+        axes[2].plot(w, [oracle[p["w_cost"]] - p["reward"] for p in pts], label=name, **st)
     axes[0].set_yscale("log")
-    for ax, lab in zip(axes, ("mean cost per query (USD)", "accuracy", "mean reward  w_q·q − w_c·min(c/τ,1)")):
+    for ax, lab in zip(axes, ("mean cost per query (USD)", "accuracy", "regret to the per-prompt oracle (lower is better)")):
         ax.set_xlabel("w_cost (w_quality = 1 − w_cost)")
         ax.set_ylabel(lab)
         ax.grid(True, alpha=0.3)

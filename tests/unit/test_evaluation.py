@@ -49,3 +49,17 @@ def test_oracle_dominates_single_models():
     i = int(np.argmax((log.scores == log.scores.max(axis=1, keepdims=True)).sum(axis=1)))
     tied = np.flatnonzero(log.scores[i] == log.scores[i].max())
     assert arms[i] == tied[np.argmin(log.costs[i, tied])]
+
+
+def test_preference_samplers():
+    from banditrouter.reward import sample_preferences
+
+    rng = np.random.default_rng(0)
+    for kind in ("uniform", "arcsine"):
+        w = sample_preferences(20000, rng, kind)
+        np.testing.assert_allclose(w.sum(axis=1), 1.0)
+        assert (w >= 0).all() and abs(w[:, 1].mean() - 0.5) < 0.02
+    ends = lambda w: np.mean((w[:, 1] < 0.1) | (w[:, 1] > 0.9))  # noqa: E731
+    assert ends(sample_preferences(20000, rng, "arcsine")) > 1.5 * ends(sample_preferences(20000, rng, "uniform"))
+    with pytest.raises(ValueError, match="unknown preference sampler"):
+        sample_preferences(3, rng, "gaussian")

@@ -196,3 +196,13 @@ def test_checkpoint_rejects_what_does_not_fit(problem, tmp_path):
     with pytest.raises(StateError):
         load_checkpoint(junk)
     assert other.version == 0, "a refused state leaves the policy as it was"
+
+
+def test_barp_paper_configuration_learns(problem, baselines):
+    """The paper's exact recipe (one batch-mean baseline, no averaging, uniform preferences) learns too."""
+    x_tr, train, _, _, tau = problem
+    pol = make_policy("barp", train.models, DIM, tau, seed=0, baseline="batch_mean", ema_decay=0.0)
+    train_policy(pol, x_tr, train, epochs=EPOCHS["barp"], seed=0, preference_sampler="uniform")
+    assert _mean_reward(pol, problem) > baselines["best_single"] + 0.04
+    with pytest.raises(ValueError, match="unknown baseline"):
+        make_policy("barp", train.models, DIM, tau, baseline="median")
