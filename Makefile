@@ -23,7 +23,8 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check banditrouter envs learner deployments tests
+	$(VENV)/bin/ruff check banditrouter envs learner deployments tests scripts
+	$(VENV)/bin/ruff format --check banditrouter envs learner deployments tests scripts
 
 clean:
 	rm -rf $(VENV) reports checkpoints

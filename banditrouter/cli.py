@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -16,9 +14,16 @@ app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
 DatasetOpt = typer.Option("routerbench", "--dataset", "-d", help="routerbench, llmrouter, or a path to a JSONL log.")
-DataDirOpt = typer.Option(None, "--data-dir", envvar="BANDITROUTER_DATA_DIR", help="Folder holding routerbench/ and llmrouter/ (default: ../shared/data when it exists).")
+DataDirOpt = typer.Option(
+    None,
+    "--data-dir",
+    envvar="BANDITROUTER_DATA_DIR",
+    help="Folder holding routerbench/ and llmrouter/ (default: ../shared/data when it exists).",
+)
 TestFracOpt = typer.Option(0.3, "--test-fraction", help="Held-out fraction when the dataset is a JSONL file.")
-SamplerOpt = typer.Option("arcsine", "--preference-sampler", help="How training draws w_cost: arcsine (Beta(1/2,1/2)) or uniform.")
+SamplerOpt = typer.Option(
+    "arcsine", "--preference-sampler", help="How training draws w_cost: arcsine (Beta(1/2,1/2)) or uniform."
+)
 TauOpt = typer.Option(0.95, "--tau-quantile", help="tau = this quantile of per-call cost in the training log.")
 
 
@@ -34,11 +39,11 @@ def train(
     out: Path = typer.Option(Path("checkpoints/barp.pt"), "--out", "-o", help="Checkpoint path to write."),
     split: str = typer.Option("train", "--split"),
     seed: int = typer.Option(0, "--seed"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the split (default per policy)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use a seeded sample of this many prompts."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Passes over the split (default per policy)."),
+    limit: int | None = typer.Option(None, "--limit", help="Use a seeded sample of this many prompts."),
     tau_quantile: float = TauOpt,
     preference_sampler: str = SamplerOpt,
-    data_dir: Optional[Path] = DataDirOpt,
+    data_dir: Path | None = DataDirOpt,
     test_fraction: float = TestFracOpt,
 ):
     """Train one policy on a split (bandit feedback; full information for `supervised`) and save it."""
@@ -46,8 +51,19 @@ def train(
     from banditrouter.pipeline import run_train
 
     try:
-        pol = run_train(dataset, policy, out, split=split, seed=seed, data_dir=data_dir, test_fraction=test_fraction,
-                        limit=limit, epochs=epochs, tau_quantile=tau_quantile, preference_sampler=preference_sampler)
+        pol = run_train(
+            dataset,
+            policy,
+            out,
+            split=split,
+            seed=seed,
+            data_dir=data_dir,
+            test_fraction=test_fraction,
+            limit=limit,
+            epochs=epochs,
+            tau_quantile=tau_quantile,
+            preference_sampler=preference_sampler,
+        )
     except (DataError, ValueError) as e:
         _fail(str(e))
     console.print(f"[green]saved[/] {pol.name} (version {pol.version}, tau={pol.tau:.3g}) to {out}")
@@ -59,15 +75,20 @@ def evaluate(
     split: str = typer.Option("test", "--split", help="Split to evaluate on."),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("reports/routerbench"), "--out", "-o", help="Folder for results.json and the figures."),
-    checkpoint: List[Path] = typer.Option([], "--checkpoint", "-c", help="Evaluate these checkpoints instead of training (repeatable)."),
-    policies: str = typer.Option(",".join(["barp", "supervised", "linucb", "lints", "epsilon_greedy", "best_single", "cheapest", "random"]),
-                                 "--policies", help="Comma-separated policies to train and evaluate."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override every policy's epochs (smoke runs)."),
-    limit_train: Optional[int] = typer.Option(None, "--limit-train", help="Seeded sample of the train split."),
-    limit_test: Optional[int] = typer.Option(None, "--limit-test", help="Seeded sample of the test split."),
+    checkpoint: list[Path] = typer.Option(
+        [], "--checkpoint", "-c", help="Evaluate these checkpoints instead of training (repeatable)."
+    ),
+    policies: str = typer.Option(
+        ",".join(["barp", "supervised", "linucb", "lints", "epsilon_greedy", "best_single", "cheapest", "random"]),
+        "--policies",
+        help="Comma-separated policies to train and evaluate.",
+    ),
+    epochs: int | None = typer.Option(None, "--epochs", help="Override every policy's epochs (smoke runs)."),
+    limit_train: int | None = typer.Option(None, "--limit-train", help="Seeded sample of the train split."),
+    limit_test: int | None = typer.Option(None, "--limit-test", help="Seeded sample of the test split."),
     tau_quantile: float = TauOpt,
     preference_sampler: str = SamplerOpt,
-    data_dir: Optional[Path] = DataDirOpt,
+    data_dir: Path | None = DataDirOpt,
     test_fraction: float = TestFracOpt,
 ):
     """Train every policy on the train split, evaluate on the test split over w_cost = 0..1, write
@@ -78,9 +99,22 @@ def evaluate(
 
     names = [p.strip() for p in policies.split(",") if p.strip()]
     try:
-        res = run_eval(dataset, out, split=split, seed=seed, policies=names, checkpoints=checkpoint, data_dir=data_dir,
-                       test_fraction=test_fraction, limit_train=limit_train, limit_test=limit_test, epochs=epochs,
-                       tau_quantile=tau_quantile, preference_sampler=preference_sampler, log_fn=console.print)
+        res = run_eval(
+            dataset,
+            out,
+            split=split,
+            seed=seed,
+            policies=names,
+            checkpoints=checkpoint,
+            data_dir=data_dir,
+            test_fraction=test_fraction,
+            limit_train=limit_train,
+            limit_test=limit_test,
+            epochs=epochs,
+            tau_quantile=tau_quantile,
+            preference_sampler=preference_sampler,
+            log_fn=console.print,
+        )
     except (DataError, ValueError, StateError, FileNotFoundError) as e:
         _fail(str(e))
     table = Table(title=f"{res['dataset']} {res['split']} (n={res['n_test']}, tau={res['tau']:.3g})")
@@ -89,18 +123,30 @@ def evaluate(
     for name, pol in sorted(res["policies"].items(), key=lambda kv: -kv[1]["aiq"]):
         p0 = next(p for p in pol["points"] if p["w_cost"] == 0.0)
         p5 = next(p for p in pol["points"] if p["w_cost"] == 0.5)
-        table.add_row(name, f"{pol['aiq']:.4f}", f"{pol['mean_reward']:.4f}", f"{p0['accuracy']:.3f}", f"{p0['cost']:.2e}",
-                      f"{p5['accuracy']:.3f}", f"{p5['cost']:.2e}")
+        table.add_row(
+            name,
+            f"{pol['aiq']:.4f}",
+            f"{pol['mean_reward']:.4f}",
+            f"{p0['accuracy']:.3f}",
+            f"{p0['cost']:.2e}",
+            f"{p5['accuracy']:.3f}",
+            f"{p5['cost']:.2e}",
+        )
     Console().print(table)
     o = res["references"]["oracle"]
-    console.print(f"oracle: accuracy {o['accuracy']:.3f} at ${o['cost']:.2e}/query; wrote {out}/results.json, pareto.png, preference_sweep.png")
+    console.print(
+        f"oracle: accuracy {o['accuracy']:.3f} at ${o['cost']:.2e}/query; "
+        f"wrote {out}/results.json, pareto.png, preference_sweep.png"
+    )
 
 
 @data_app.command("fetch")
 def fetch(
     name: str = typer.Argument(..., help="Dataset to fetch: routerbench."),
-    source: Optional[str] = typer.Option(None, "--source", help="A local copy of the release file (.pkl or .csv), or a URL."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where to write (default: $BANDITROUTER_DATA_DIR or ~/.local/share/banditrouter/data)."),
+    source: str | None = typer.Option(None, "--source", help="A local copy of the release file (.pkl or .csv), or a URL."),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="Where to write (default: $BANDITROUTER_DATA_DIR or ~/.local/share/banditrouter/data)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the per-task 70/30 train/test split."),
 ):
     """Download the public RouterBench release (36k prompts, 11 models) and convert it for `--dataset routerbench`."""
@@ -121,13 +167,38 @@ def fetch(
         counts = convert_routerbench(src, dest, seed=seed)
     except DataError as e:
         _fail(str(e))
-    console.print(f"[green]wrote[/] {dest}/routerbench/full_train.csv ({counts['train']} prompts) and full_test.csv "
-                  f"({counts['test']}). Use it with --data-dir {dest} (or set BANDITROUTER_DATA_DIR).")
+    console.print(
+        f"[green]wrote[/] {dest}/routerbench/full_train.csv ({counts['train']} prompts) and full_test.csv "
+        f"({counts['test']}). Use it with --data-dir {dest} (or set BANDITROUTER_DATA_DIR)."
+    )
+
+
+@data_app.command("export")
+def export(
+    dataset: str = DatasetOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="JSONL file to write."),
+    split: str = typer.Option("all", "--split"),
+    data_dir: Path | None = DataDirOpt,
+):
+    """Write a dataset in the documented JSONL format (an example of the format, or a start for your own)."""
+    from banditrouter.data import DataError, load_dataset
+    from banditrouter.data.loaders import write_jsonl
+
+    try:
+        log = load_dataset(dataset, split, data_dir=data_dir)
+    except DataError as e:
+        _fail(str(e))
+    write_jsonl(log, out)
+    console.print(f"[green]wrote[/] {len(log)} prompts x {log.n_models} models to {out}")
 
 
 @data_app.command("show")
-def show(dataset: str = DatasetOpt, split: str = typer.Option("train", "--split"), data_dir: Optional[Path] = DataDirOpt,
-         test_fraction: float = TestFracOpt):
+def show(
+    dataset: str = DatasetOpt,
+    split: str = typer.Option("train", "--split"),
+    data_dir: Path | None = DataDirOpt,
+    test_fraction: float = TestFracOpt,
+):
     """Print a dataset's size, models and each model's mean score and cost."""
     from banditrouter.data import DataError, load_dataset
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -79,8 +79,11 @@ class Embedder:
         if not texts:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
         vecs = self.model.encode(
-            list(texts), batch_size=self.batch_size, normalize_embeddings=True,
-            convert_to_numpy=True, show_progress_bar=progress,
+            list(texts),
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=progress,
         )
         self.n_computed += len(texts)
         return vecs.astype(np.float32, copy=False)
@@ -99,7 +102,7 @@ class Embedder:
                 for s in range(0, len(todo), step):
                     chunk = todo[s : s + step]
                     vecs = self.encode([texts[i] for _, i in chunk])
-                    new = {k: v for (k, _), v in zip(chunk, vecs)}
+                    new = {k: v for (k, _), v in zip(chunk, vecs, strict=True)}
                     if self.cache:
                         self.cache.put_many(new)
                     found.update(new)

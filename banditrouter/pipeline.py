@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -25,8 +25,17 @@ class Split:
     contexts: np.ndarray
 
 
-def load_split(dataset: str, split: str, *, data_dir=None, test_fraction: float = 0.3, seed: int = 0,
-               limit: int | None = None, embedder=None, progress: bool = True) -> Split:
+def load_split(
+    dataset: str,
+    split: str,
+    *,
+    data_dir=None,
+    test_fraction: float = 0.3,
+    seed: int = 0,
+    limit: int | None = None,
+    embedder=None,
+    progress: bool = True,
+) -> Split:
     from banditrouter.embeddings import Embedder
 
     log = load_dataset(dataset, split, data_dir=data_dir, test_fraction=test_fraction, seed=seed)
@@ -39,13 +48,23 @@ def load_split(dataset: str, split: str, *, data_dir=None, test_fraction: float 
     return Split(log, x)
 
 
-def train_one(name: str, train: Split, *, seed: int = 0, epochs: int | None = None, tau: float | None = None,
-              tau_quantile: float = DEFAULT_TAU_QUANTILE, preference_sampler: str = DEFAULT_PREFERENCE_SAMPLER,
-              progress: bool = True, **config) -> Policy:
+def train_one(
+    name: str,
+    train: Split,
+    *,
+    seed: int = 0,
+    epochs: int | None = None,
+    tau: float | None = None,
+    tau_quantile: float = DEFAULT_TAU_QUANTILE,
+    preference_sampler: str = DEFAULT_PREFERENCE_SAMPLER,
+    progress: bool = True,
+    **config,
+) -> Policy:
     tau = cost_scale(train.log.costs, tau_quantile) if tau is None else tau
     policy = make_policy(name, train.log.models, train.contexts.shape[1], tau, seed=seed, **config)
-    train_policy(policy, train.contexts, train.log, epochs=epochs, seed=seed, progress=progress,
-                 preference_sampler=preference_sampler)
+    train_policy(
+        policy, train.contexts, train.log, epochs=epochs, seed=seed, progress=progress, preference_sampler=preference_sampler
+    )
     return policy
 
 
@@ -81,8 +100,16 @@ def run_eval(
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     embedder = Embedder()  # one model load for both splits
-    test = load_split(dataset, split, data_dir=data_dir, test_fraction=test_fraction, seed=seed, limit=limit_test,
-                      embedder=embedder, progress=progress)
+    test = load_split(
+        dataset,
+        split,
+        data_dir=data_dir,
+        test_fraction=test_fraction,
+        seed=seed,
+        limit=limit_test,
+        embedder=embedder,
+        progress=progress,
+    )
     loaded: dict[str, Policy] = {}
     for ckpt in checkpoints:
         pol = load_checkpoint(ckpt, seed=seed)
@@ -92,8 +119,16 @@ def run_eval(
     to_train = [p for p in policies if p not in loaded] if not checkpoints else []
     train = None
     if to_train:
-        train = load_split(dataset, "train", data_dir=data_dir, test_fraction=test_fraction, seed=seed, limit=limit_train,
-                           embedder=embedder, progress=progress)
+        train = load_split(
+            dataset,
+            "train",
+            data_dir=data_dir,
+            test_fraction=test_fraction,
+            seed=seed,
+            limit=limit_train,
+            embedder=embedder,
+            progress=progress,
+        )
         tau = cost_scale(train.log.costs, tau_quantile)
     else:
         tau = next(iter(loaded.values())).tau
@@ -101,8 +136,9 @@ def run_eval(
     timings: dict[str, float] = {}
     for name in to_train:
         t = time.perf_counter()
-        trained[name] = train_one(name, train, seed=seed, epochs=epochs, tau=tau, preference_sampler=preference_sampler,
-                                  progress=progress)
+        trained[name] = train_one(
+            name, train, seed=seed, epochs=epochs, tau=tau, preference_sampler=preference_sampler, progress=progress
+        )
         timings[name] = round(time.perf_counter() - t, 2)
         log_fn(f"trained {name} in {timings[name]:.1f}s")
     results: dict = {
@@ -135,12 +171,30 @@ def run_eval(
     return results
 
 
-def run_train(dataset: str, policy: str, out: Path, *, split: str = "train", seed: int = 0, data_dir=None,
-              test_fraction: float = 0.3, limit: int | None = None, epochs: int | None = None,
-              tau_quantile: float = DEFAULT_TAU_QUANTILE, preference_sampler: str = DEFAULT_PREFERENCE_SAMPLER,
-              progress: bool = True) -> Policy:
+def run_train(
+    dataset: str,
+    policy: str,
+    out: Path,
+    *,
+    split: str = "train",
+    seed: int = 0,
+    data_dir=None,
+    test_fraction: float = 0.3,
+    limit: int | None = None,
+    epochs: int | None = None,
+    tau_quantile: float = DEFAULT_TAU_QUANTILE,
+    preference_sampler: str = DEFAULT_PREFERENCE_SAMPLER,
+    progress: bool = True,
+) -> Policy:
     train = load_split(dataset, split, data_dir=data_dir, test_fraction=test_fraction, seed=seed, limit=limit, progress=progress)
-    pol = train_one(policy, train, seed=seed, epochs=epochs, tau_quantile=tau_quantile,
-                    preference_sampler=preference_sampler, progress=progress)
+    pol = train_one(
+        policy,
+        train,
+        seed=seed,
+        epochs=epochs,
+        tau_quantile=tau_quantile,
+        preference_sampler=preference_sampler,
+        progress=progress,
+    )
     save_checkpoint(pol, out, extra={"dataset": dataset, "split": split, "n_train": len(train.log), "seed": seed})
     return pol

@@ -12,8 +12,9 @@ import numpy as np
 from banditrouter.data.log import RoutingLog
 
 
-def make_synthetic(n: int = 2000, dim: int = 16, n_arms: int = 4, seed: int = 0, gain: float = 6.0,
-                   noisy: bool = False) -> tuple[np.ndarray, RoutingLog]:
+def make_synthetic(
+    n: int = 2000, dim: int = 16, n_arms: int = 4, seed: int = 0, gain: float = 6.0, noisy: bool = False
+) -> tuple[np.ndarray, RoutingLog]:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, dim))
     x /= np.linalg.norm(x, axis=1, keepdims=True)

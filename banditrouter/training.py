@@ -73,8 +73,12 @@ def train_bandit(
             if not seen.any():
                 continue
             batch = BanditBatch(
-                contexts=contexts[rows][seen], preferences=prefs[seen], arms=dec.arms[seen],
-                propensities=dec.propensities[seen], scores=scores[seen], costs=costs[seen],
+                contexts=contexts[rows][seen],
+                preferences=prefs[seen],
+                arms=dec.arms[seen],
+                propensities=dec.propensities[seen],
+                scores=scores[seen],
+                costs=costs[seen],
             )
             policy.update(batch)
             rewards += float(batch.rewards(policy.tau).sum())
@@ -108,8 +112,12 @@ def train_full_information(
             cells = np.concatenate([by_row[i] for i in order[s : s + batch_size]])
             r, a = rows_all[cells], arms_all[cells]
             batch = BanditBatch(
-                contexts=contexts[r], preferences=np.tile([1.0, 0.0], (len(r), 1)), arms=a,
-                propensities=np.ones(len(r)), scores=log.scores[r, a], costs=log.costs[r, a],
+                contexts=contexts[r],
+                preferences=np.tile([1.0, 0.0], (len(r), 1)),
+                arms=a,
+                propensities=np.ones(len(r)),
+                scores=log.scores[r, a],
+                costs=log.costs[r, a],
             )
             losses.append(policy.update(batch).get("loss", 0.0))
         history.epochs.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else 0.0})
@@ -131,5 +139,13 @@ def train_policy(
     epochs = default_epochs(policy.name) if epochs is None else epochs
     if policy.full_information:
         return train_full_information(policy, contexts, log, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress)
-    return train_bandit(policy, contexts, BanditFeedback(log), epochs=epochs, batch_size=batch_size, seed=seed,
-                        progress=progress, preference_sampler=preference_sampler)
+    return train_bandit(
+        policy,
+        contexts,
+        BanditFeedback(log),
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        preference_sampler=preference_sampler,
+    )

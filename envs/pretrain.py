@@ -9,8 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 
-def ppo_config(env_config: dict, *, train_batch_size: int = 512, minibatch_size: int = 128, num_epochs: int = 4,
-               lr: float = 1e-3, seed: int = 0):
+def ppo_config(
+    env_config: dict,
+    *,
+    train_batch_size: int = 512,
+    minibatch_size: int = 128,
+    num_epochs: int = 4,
+    lr: float = 1e-3,
+    seed: int = 0,
+):
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.connectors.env_to_module import FlattenObservations
 
@@ -21,8 +28,14 @@ def ppo_config(env_config: dict, *, train_batch_size: int = 512, minibatch_size:
         PPOConfig()
         .environment(RLLIB_ENV_NAME, env_config=env_config)
         .env_runners(num_env_runners=0, env_to_module_connector=lambda env, spaces=None, device=None: FlattenObservations())
-        .training(train_batch_size_per_learner=train_batch_size, minibatch_size=minibatch_size, num_epochs=num_epochs,
-                  lr=lr, gamma=1.0, lambda_=1.0)
+        .training(
+            train_batch_size_per_learner=train_batch_size,
+            minibatch_size=minibatch_size,
+            num_epochs=num_epochs,
+            lr=lr,
+            gamma=1.0,
+            lambda_=1.0,
+        )
         .debugging(seed=seed)
     )
 

@@ -26,8 +26,15 @@ RLLIB_ENV_NAME = "banditrouter-routing"
 class RoutingEnv(gym.Env):
     metadata = {"render_modes": []}
 
-    def __init__(self, contexts: np.ndarray, scores: np.ndarray, costs: np.ndarray, tau: float | None = None,
-                 models: tuple[str, ...] | None = None, preference: tuple[float, float] | None = None):
+    def __init__(
+        self,
+        contexts: np.ndarray,
+        scores: np.ndarray,
+        costs: np.ndarray,
+        tau: float | None = None,
+        models: tuple[str, ...] | None = None,
+        preference: tuple[float, float] | None = None,
+    ):
         super().__init__()
         contexts = np.asarray(contexts, dtype=np.float32)
         if contexts.ndim != 2 or scores.shape != (len(contexts), scores.shape[1]) or costs.shape != scores.shape:
@@ -38,16 +45,18 @@ class RoutingEnv(gym.Env):
         self.models = tuple(models) if models else tuple(f"arm{i}" for i in range(scores.shape[1]))
         self.fixed_preference = None if preference is None else check_preferences(np.asarray(preference))[0].astype(np.float32)
         d, k = contexts.shape[1], scores.shape[1]
-        self.observation_space = spaces.Dict({
-            "embedding": spaces.Box(-1.0, 1.0, shape=(d,), dtype=np.float32),
-            "preference": spaces.Box(0.0, 1.0, shape=(2,), dtype=np.float32),
-        })
+        self.observation_space = spaces.Dict(
+            {
+                "embedding": spaces.Box(-1.0, 1.0, shape=(d,), dtype=np.float32),
+                "preference": spaces.Box(0.0, 1.0, shape=(2,), dtype=np.float32),
+            }
+        )
         self.action_space = spaces.Discrete(k)
         self._row: int | None = None
         self._pref: np.ndarray | None = None
 
     @classmethod
-    def from_log(cls, log, contexts: np.ndarray, tau: float | None = None, preference=None) -> "RoutingEnv":
+    def from_log(cls, log, contexts: np.ndarray, tau: float | None = None, preference=None) -> RoutingEnv:
         return cls(contexts, log.scores, log.costs, tau=tau, models=log.models, preference=preference)
 
     def _obs(self) -> dict[str, np.ndarray]:
@@ -82,9 +91,9 @@ class RoutingEnv(gym.Env):
 def make_routing_env(config: dict | None = None) -> RoutingEnv:
     """Build from a plain config dict (what RLlib passes):
 
-        {"synthetic": {"n": 2000, "dim": 16, "n_arms": 4, "seed": 0}}           # a synthetic problem
-        {"dataset": "routerbench", "split": "train", "limit": 500, "data_dir": None}  # a logged dataset
-        optional: "tau", "preference": [w_q, w_c]
+    {"synthetic": {"n": 2000, "dim": 16, "n_arms": 4, "seed": 0}}           # a synthetic problem
+    {"dataset": "routerbench", "split": "train", "limit": 500, "data_dir": None}  # a logged dataset
+    optional: "tau", "preference": [w_q, w_c]
     """
     config = dict(config or {})
     if "synthetic" in config:
@@ -94,8 +103,13 @@ def make_routing_env(config: dict | None = None) -> RoutingEnv:
     else:
         from banditrouter.pipeline import load_split
 
-        split = load_split(config.get("dataset", "routerbench"), config.get("split", "train"),
-                           data_dir=config.get("data_dir"), limit=config.get("limit"), progress=False)
+        split = load_split(
+            config.get("dataset", "routerbench"),
+            config.get("split", "train"),
+            data_dir=config.get("data_dir"),
+            limit=config.get("limit"),
+            progress=False,
+        )
         x, log = split.contexts, split.log
     return RoutingEnv.from_log(log, x, tau=config.get("tau"), preference=config.get("preference"))
 

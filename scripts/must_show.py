@@ -27,15 +27,19 @@ def check(results: dict) -> dict:
     for name, acc, budget in (("acc_ge_0.86_at_cost_le_2.5e-3", 0.86, 2.5e-3), ("acc_ge_0.80_at_cost_le_5e-4", 0.80, 5e-4)):
         p = best_acc_under(budget)
         out[name] = {"pass": bool(p and p["accuracy"] >= acc), "point": p and {k: p[k] for k in ("w_cost", "accuracy", "cost")}}
-    out["cost_non_increasing_in_w_cost"] = {
-        "pass": all(b <= a for a, b in zip(costs, costs[1:])), "costs": costs}
+    out["cost_non_increasing_in_w_cost"] = {"pass": all(b <= a for a, b in zip(costs, costs[1:], strict=False)), "costs": costs}
     others = {k: pols[k]["mean_reward"] for k in ("linucb", "lints", "epsilon_greedy") if k in pols}
     out["mean_reward_ge_linear_baselines"] = {
         "pass": all(pols["barp"]["mean_reward"] >= v for v in others.values()),
-        "barp": pols["barp"]["mean_reward"], **others}
+        "barp": pols["barp"]["mean_reward"],
+        **others,
+    }
     out["aiq_ge_0.95x_supervised"] = {
-        "pass": pols["barp"]["aiq"] >= 0.95 * sup["aiq"], "barp": pols["barp"]["aiq"], "supervised": sup["aiq"],
-        "ratio": pols["barp"]["aiq"] / sup["aiq"]}
+        "pass": pols["barp"]["aiq"] >= 0.95 * sup["aiq"],
+        "barp": pols["barp"]["aiq"],
+        "supervised": sup["aiq"],
+        "ratio": pols["barp"]["aiq"] / sup["aiq"],
+    }
     out["all_pass"] = all(v["pass"] for v in out.values() if isinstance(v, dict))
     return out
 

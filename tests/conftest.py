@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +23,6 @@ def rng() -> np.random.Generator:
 
 def write_jsonl(path: Path, log, n: int | None = None) -> Path:
     """Write a RoutingLog (or its first n prompts) in the documented JSONL format."""
-    with path.open("w") as fh:
-        for i in range(len(log) if n is None else min(n, len(log))):
-            outcomes = {}
-            for k, m in enumerate(log.models):
-                if np.isnan(log.scores[i, k]):
-                    continue
-                o = {"score": float(log.scores[i, k]), "cost": float(log.costs[i, k])}
-                if log.responses is not None and log.responses[i][k] is not None:
-                    o["response"] = log.responses[i][k]
-                outcomes[m] = o
-            fh.write(json.dumps({"id": log.prompt_ids[i], "prompt": log.prompts[i], "task": log.tasks[i], "outcomes": outcomes}) + "\n")
-    return path
+    from banditrouter.data.loaders import write_jsonl as _write
+
+    return _write(log if n is None else log.head(n), path)

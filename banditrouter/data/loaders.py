@@ -76,27 +76,36 @@ def load_routerbench(data_dir: str | Path | None = None, split: Split = "train")
             f"routerbench` to download and convert the public release."
         )
     frames = []
-    for f in files:
-        df = pd.read_csv(f, dtype={"sample_id": str, "prompt": str, "eval_name": str}, keep_default_na=False,
-                         na_values={m: [""] for m in ROUTERBENCH_MODELS})
-        missing = [c for c in ("sample_id", "prompt", "eval_name") if c not in df.columns]
-        if missing:
-            raise DataError(f"{f}: missing columns {missing}; is this a RouterBench file?")
-        frames.append(df)
+    for s in splits:
+        parts = []
+        for f in (f for f in files if f.name.endswith(f"_{s}.csv")):
+            part = pd.read_csv(
+                f,
+                dtype={"sample_id": str, "prompt": str, "eval_name": str},
+                keep_default_na=False,
+                na_values={m: [""] for m in ROUTERBENCH_MODELS},
+            )
+            missing = [c for c in ("sample_id", "prompt", "eval_name") if c not in part.columns]
+            if missing:
+                raise DataError(f"{f}: missing columns {missing}; is this a RouterBench file?")
+            parts.append(part)
+        if parts:
+            # duplicated sample_ids within a split are the same prompt twice: keep the first
+            frames.append(pd.concat(parts, ignore_index=True).drop_duplicates(subset="sample_id", keep="first").assign(_split=s))
     df = pd.concat(frames, ignore_index=True)
-    df = df.drop_duplicates(subset="sample_id", keep="first").reset_index(drop=True)
+    # ids are unique within a split only: a few different prompts share an id across train and test
+    clash = df.duplicated(subset="sample_id", keep="first")
+    df.loc[clash, "sample_id"] = df.loc[clash, "sample_id"] + "@" + df.loc[clash, "_split"]
     models = tuple(m for m in ROUTERBENCH_MODELS if m in df.columns)
     if not models:
         raise DataError(f"{root}: none of the RouterBench model columns found")
     scores = np.column_stack([pd.to_numeric(df[m], errors="coerce").to_numpy(float) for m in models])
-    costs = np.column_stack(
-        [pd.to_numeric(df[f"{m}|total_cost"], errors="coerce").to_numpy(float) for m in models]
-    )
+    costs = np.column_stack([pd.to_numeric(df[f"{m}|total_cost"], errors="coerce").to_numpy(float) for m in models])
     resp_cols = [f"{m}|model_response" for m in models]
     responses = None
     if all(c in df.columns for c in resp_cols):
         cols = [df[c].tolist() for c in resp_cols]
-        responses = tuple(tuple((v if v != "" else None) for v in row) for row in zip(*cols))
+        responses = tuple(tuple((v if v != "" else None) for v in row) for row in zip(*cols, strict=True))
     return RoutingLog(
         name=f"routerbench/{split}",
         prompt_ids=tuple(df["sample_id"]),
@@ -289,6 +298,31 @@ def load_jsonl(path: str | Path, split: Split = "all", test_fraction: float = 0.
         raise DataError(f"{path}: {n} records is too few to hold out a test fraction of {test_fraction}")
     idx = np.sort(perm[:n_test] if split == "test" else perm[n_test:])
     return log.subset(idx, name=f"{path.stem}/{split}")
+
+
+def write_jsonl(log: RoutingLog, path: str | Path) -> Path:
+    """Write a routing log in the documented JSONL format (missing cells are left out)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for i in range(len(log)):
+            outcomes = {}
+            for k, m in enumerate(log.models):
+                if np.isnan(log.scores[i, k]) or np.isnan(log.costs[i, k]):
+                    continue
+                o = {"score": float(log.scores[i, k]), "cost": float(log.costs[i, k])}
+                if log.responses is not None and log.responses[i][k] is not None:
+                    o["response"] = log.responses[i][k]
+                if log.latency_s is not None and np.isfinite(log.latency_s[i, k]):
+                    o["latency_s"] = float(log.latency_s[i, k])
+                outcomes[m] = o
+            rec = {"id": log.prompt_ids[i], "prompt": log.prompts[i], "outcomes": outcomes}
+            if log.tasks[i] is not None:
+                rec["task"] = log.tasks[i]
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def _check_split(split: str) -> None:

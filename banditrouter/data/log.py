@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -61,7 +61,7 @@ class RoutingLog:
     def n_models(self) -> int:
         return len(self.models)
 
-    def subset(self, index: Sequence[int] | np.ndarray, name: str | None = None) -> "RoutingLog":
+    def subset(self, index: Sequence[int] | np.ndarray, name: str | None = None) -> RoutingLog:
         idx = np.asarray(index, dtype=np.int64)
         pick = lambda seq: tuple(seq[i] for i in idx)  # noqa: E731
         return RoutingLog(
@@ -77,7 +77,7 @@ class RoutingLog:
             notes=self.notes,
         )
 
-    def head(self, n: int) -> "RoutingLog":
+    def head(self, n: int) -> RoutingLog:
         return self.subset(np.arange(min(n, len(self))))
 
     def single_model_stats(self) -> dict[str, dict[str, float]]:

@@ -36,13 +36,17 @@ def point(log: RoutingLog, arms: np.ndarray, pref: np.ndarray, tau: float) -> di
     }
 
 
-def evaluate_policy(policy: Policy, contexts: np.ndarray, log: RoutingLog, tau: float, grid: np.ndarray | None = None) -> list[dict[str, float]]:
+def evaluate_policy(
+    policy: Policy, contexts: np.ndarray, log: RoutingLog, tau: float, grid: np.ndarray | None = None
+) -> list[dict[str, float]]:
     grid = preference_grid() if grid is None else grid
     points = []
     for pref in grid:
         dec = policy.select(contexts, pref[None, :], explore=False)
         p = point(log, dec.arms, pref, tau)
-        p["arm_share"] = {m: float(s) for m, s in zip(log.models, np.bincount(dec.arms, minlength=log.n_models) / len(log))}
+        p["arm_share"] = {
+            m: float(s) for m, s in zip(log.models, np.bincount(dec.arms, minlength=log.n_models) / len(log), strict=True)
+        }
         points.append(p)
     return points
 

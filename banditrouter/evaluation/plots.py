@@ -36,8 +36,13 @@ def plot_pareto(results: dict, path: Path) -> Path:
     for key, ref in results["references"].items():
         if key.startswith("single:"):
             ax.scatter(ref["cost"], ref["accuracy"], color="tab:green", marker="o", s=30, zorder=4)
-            ax.annotate(key.split(":", 1)[1].split("/")[-1], (ref["cost"], ref["accuracy"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                key.split(":", 1)[1].split("/")[-1],
+                (ref["cost"], ref["accuracy"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     o = results["references"]["oracle"]
     ax.scatter(o["cost"], o["accuracy"], color="gold", edgecolor="black", marker="*", s=250, zorder=6, label="per-prompt oracle")
     ax.scatter([], [], color="tab:green", marker="o", s=30, label="single models")
@@ -69,7 +74,9 @@ def plot_preference_sweep(results: dict, path: Path) -> Path:
         axes[1].plot(w, [p["accuracy"] for p in pts], label=name, **st)
         axes[2].plot(w, [oracle[p["w_cost"]] - p["reward"] for p in pts], label=name, **st)
     axes[0].set_yscale("log")
-    for ax, lab in zip(axes, ("mean cost per query (USD)", "accuracy", "regret to the per-prompt oracle (lower is better)")):
+    for ax, lab in zip(
+        axes, ("mean cost per query (USD)", "accuracy", "regret to the per-prompt oracle (lower is better)"), strict=True
+    ):
         ax.set_xlabel("w_cost (w_quality = 1 − w_cost)")
         ax.set_ylabel(lab)
         ax.grid(True, alpha=0.3)

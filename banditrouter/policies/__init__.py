@@ -4,8 +4,9 @@ this package does not import torch)."""
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from banditrouter.policies.base import BanditBatch, Decision, Decisions, Policy, StateError
 
@@ -65,12 +66,22 @@ def load_checkpoint(path: str | Path, seed: int = 0) -> Policy:
     if not isinstance(state, dict) or "policy" not in state:
         raise StateError(f"{path} is not a banditrouter checkpoint")
     state["params"] = {k: v.numpy() for k, v in state["params"].items()}
-    policy = make_policy(state["policy"], state["models"], state["context_dim"], state["tau"], seed=seed, **state.get("config", {}))
+    policy = make_policy(
+        state["policy"], state["models"], state["context_dim"], state["tau"], seed=seed, **state.get("config", {})
+    )
     policy.load_state_dict(state)
     return policy
 
 
 __all__ = [
-    "POLICIES", "BanditBatch", "Decision", "Decisions", "Policy", "StateError",
-    "load_checkpoint", "make_policy", "policy_class", "save_checkpoint",
+    "POLICIES",
+    "BanditBatch",
+    "Decision",
+    "Decisions",
+    "Policy",
+    "StateError",
+    "load_checkpoint",
+    "make_policy",
+    "policy_class",
+    "save_checkpoint",
 ]

@@ -85,7 +85,8 @@ class BaRP(Policy):
         self.averaged = None
         if self.config.ema_decay > 0:
             self.averaged = torch.optim.swa_utils.AveragedModel(
-                self.net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(self.config.ema_decay))
+                self.net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(self.config.ema_decay)
+            )
 
     # ====================================================================================================
     # ALGO LOGIC
@@ -111,12 +112,12 @@ class BaRP(Policy):
         x = torch.from_numpy(np.asarray(batch.contexts, dtype=np.float32))
         w = torch.from_numpy(np.asarray(batch.preferences, dtype=np.float32))
         arms = torch.from_numpy(np.asarray(batch.arms, dtype=np.int64))
-        r = torch.from_numpy(batch.rewards(self.tau)).float()                  # r = w_q q - w_c c~
+        r = torch.from_numpy(batch.rewards(self.tau)).float()  # r = w_q q - w_c c~
         logp_all = torch.log_softmax(self.net(x, w), dim=-1)
-        logp = logp_all.gather(1, arms[:, None]).squeeze(1)                    # log pi(a | x, w)
-        entropy = -(logp_all.exp() * logp_all).sum(dim=1)                      # H(pi(. | x, w))
-        rho = (logp.detach().exp() / torch.from_numpy(np.asarray(batch.propensities, np.float32)))
-        rho = rho.clamp(max=self.config.max_importance_weight)                 # 1 when on-policy
+        logp = logp_all.gather(1, arms[:, None]).squeeze(1)  # log pi(a | x, w)
+        entropy = -(logp_all.exp() * logp_all).sum(dim=1)  # H(pi(. | x, w))
+        rho = logp.detach().exp() / torch.from_numpy(np.asarray(batch.propensities, np.float32))
+        rho = rho.clamp(max=self.config.max_importance_weight)  # 1 when on-policy
         advantage = r - self._baseline(batch, w)
         loss = -(rho * advantage * logp).mean() - self.config.entropy_beta * entropy.mean()
         self.optimizer.zero_grad()
@@ -132,8 +133,8 @@ class BaRP(Policy):
         q = torch.from_numpy(np.asarray(batch.scores, dtype=np.float32))
         c = torch.from_numpy(normalised_cost(batch.costs, self.tau).astype(np.float32))
         if self.config.baseline == "batch_mean":
-            return (w[:, 0] * q - w[:, 1] * c).mean()                          # b = mean(r)
-        return w[:, 0] * q.mean() - w[:, 1] * c.mean()                         # b_i = w_i . (mean q, -mean c~)
+            return (w[:, 0] * q - w[:, 1] * c).mean()  # b = mean(r)
+        return w[:, 0] * q.mean() - w[:, 1] * c.mean()  # b_i = w_i . (mean q, -mean c~)
 
     # ====================================================================================================
     # state
@@ -148,7 +149,9 @@ class BaRP(Policy):
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).float() for k, v in params.items()}
         self.net.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("averaged.")})
         if self.averaged is not None:
-            self.averaged.module.load_state_dict({k[len("averaged."):]: v for k, v in tensors.items() if k.startswith("averaged.")})
+            self.averaged.module.load_state_dict(
+                {k[len("averaged.") :]: v for k, v in tensors.items() if k.startswith("averaged.")}
+            )
             self.averaged.n_averaged.fill_(1)  # the next update averages instead of copying
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=self.config.lr)
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from banditrouter.policies.base import Decisions, deterministic
 from banditrouter.policies.linear import DisjointLinear, LinearConfig
 

@@ -42,7 +42,9 @@ class _ArmMeans(Policy):
         return {"counts": self.counts.copy(), "score_sums": self.score_sums.copy(), "cost_sums": self.cost_sums.copy()}
 
     def _load_params(self, params):
-        self.counts, self.score_sums, self.cost_sums = (params[k].astype(np.float64) for k in ("counts", "score_sums", "cost_sums"))
+        self.counts, self.score_sums, self.cost_sums = (
+            params[k].astype(np.float64) for k in ("counts", "score_sums", "cost_sums")
+        )
 
 
 class RandomPolicy(_ArmMeans):

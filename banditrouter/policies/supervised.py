@@ -36,8 +36,12 @@ class SupervisedNet(nn.Module):
     def __init__(self, context_dim: int, n_arms: int, cfg: SupervisedConfig):
         super().__init__()
         self.trunk = nn.Sequential(
-            nn.Linear(context_dim, cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
-            nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
+            nn.Linear(context_dim, cfg.hidden),
+            nn.ReLU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.hidden, cfg.hidden),
+            nn.ReLU(),
+            nn.Dropout(cfg.dropout),
         )
         self.score_head = nn.Linear(cfg.hidden, n_arms)
         self.cost_head = nn.Linear(cfg.hidden, n_arms)

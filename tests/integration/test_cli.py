@@ -27,7 +27,7 @@ def _check_results(r, n_test):
     assert {"oracle"} | {f"single:{m}" for m in r["models"]} <= set(r["references"])
     assert {"accuracy", "cost"} <= set(r["references"]["oracle"])
     assert any("supervised" in k for k in r["policies"])
-    for name, pol in r["policies"].items():
+    for _name, pol in r["policies"].items():
         assert [p["w_cost"] for p in pol["points"]] == pytest.approx([i / 10 for i in range(11)])
         assert all({"w_cost", "accuracy", "cost", "reward"} <= set(p) for p in pol["points"])
         assert 0.0 <= pol["aiq"] <= 1.0
@@ -71,3 +71,14 @@ def test_bad_input_gets_a_clear_error(tmp_path, data_dir):
         res = runner.invoke(app, args)
         assert res.exit_code == 2, (args, res.output)
         assert needle in " ".join(res.output.split()), (needle, res.output)
+
+
+def test_data_export_roundtrips_through_the_jsonl_loader(tmp_path, data_dir):
+    from banditrouter.data import load_jsonl, load_llmrouter
+
+    out = tmp_path / "llmrouter_test.jsonl"
+    res = runner.invoke(app, ["data", "export", "--dataset", "llmrouter", "--split", "test", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    src, back = load_llmrouter(data_dir, "test"), load_jsonl(out)
+    assert back.prompt_ids == src.prompt_ids and back.models == src.models
+    assert (back.scores == src.scores).all() and abs(back.costs - src.costs).max() < 1e-12

@@ -41,8 +41,12 @@ def test_oracle_dominates_single_models():
     for p in refs["oracle"]["points"]:
         arms = oracle_arms(log, np.array([1 - p["w_cost"], p["w_cost"]]), tau)
         best = reward(log.scores, log.costs, np.tile([1 - p["w_cost"], p["w_cost"]], (len(log), 1)), tau).max(axis=1)
-        chosen = reward(log.scores[np.arange(len(log)), arms], log.costs[np.arange(len(log)), arms],
-                        np.tile([1 - p["w_cost"], p["w_cost"]], (len(log), 1)), tau)
+        chosen = reward(
+            log.scores[np.arange(len(log)), arms],
+            log.costs[np.arange(len(log)), arms],
+            np.tile([1 - p["w_cost"], p["w_cost"]], (len(log), 1)),
+            tau,
+        )
         np.testing.assert_allclose(chosen, best)
     # RouterBench's oracle: the cheapest of the models that score best
     arms = oracle_arms(log, None, tau)

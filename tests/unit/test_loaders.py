@@ -23,6 +23,9 @@ def test_routerbench_splits_and_quirks(data_dir):
         assert not any(p.startswith("['") for p in log.prompts), "list-literal prompts must be unwrapped"
         assert np.isfinite(log.costs).all()
         assert set(np.unique(log.scores[~np.isnan(log.scores)])) <= {0.0, 1.0}
+    # ids are unique within a split only: --split all keeps every prompt of both, with unique ids
+    both = load_routerbench(data_dir, "all")
+    assert len(both) == len(train) + len(test) and len(set(both.prompt_ids)) == len(both)
     # empty score cells are missing, not zero
     assert np.isnan(train.scores).sum() + np.isnan(test.scores).sum() > 0
     assert {t.split(".")[0] for t in train.tasks} >= {"arc-challenge"}
@@ -79,8 +82,10 @@ def test_jsonl_roundtrip_and_split(tmp_path, data_dir):
 def test_jsonl_missing_model_is_missing_cell(tmp_path):
     p = tmp_path / "a.jsonl"
     p.write_text(
-        json.dumps({"id": "1", "prompt": "hi", "outcomes": {"a": {"score": 1, "cost": 0.1}, "b": {"score": 0, "cost": 0.2}}}) + "\n"
-        + json.dumps({"id": "2", "prompt": "yo", "outcomes": {"b": {"score": 0.5, "cost": 0.3, "latency_s": 1.5}}}) + "\n"
+        json.dumps({"id": "1", "prompt": "hi", "outcomes": {"a": {"score": 1, "cost": 0.1}, "b": {"score": 0, "cost": 0.2}}})
+        + "\n"
+        + json.dumps({"id": "2", "prompt": "yo", "outcomes": {"b": {"score": 0.5, "cost": 0.3, "latency_s": 1.5}}})
+        + "\n"
     )
     log = load_jsonl(p)
     assert log.models == ("a", "b") and np.isnan(log.scores[1, 0]) and log.latency_s[1, 1] == 1.5
@@ -123,8 +128,13 @@ def test_jsonl_duplicate_id(tmp_path):
 # -- data fetch -----------------------------------------------------------------------------------------------
 def test_fetch_converts_release_file(tmp_path, data_dir):
     """The public release is a pandas pickle with the same columns as our CSVs; convert a slice of ours."""
-    raw = pd.concat([pd.read_csv(f, keep_default_na=False, na_values={m: [""] for m in ROUTERBENCH_MODELS})
-                     for f in sorted((data_dir / "routerbench").glob("*_test.csv"))], ignore_index=True)
+    raw = pd.concat(
+        [
+            pd.read_csv(f, keep_default_na=False, na_values={m: [""] for m in ROUTERBENCH_MODELS})
+            for f in sorted((data_dir / "routerbench").glob("*_test.csv"))
+        ],
+        ignore_index=True,
+    )
     raw = raw.drop(columns=[raw.columns[0]]).groupby("eval_name").head(30).reset_index(drop=True)
     pkl = tmp_path / "routerbench_0shot.pkl"
     raw.to_pickle(pkl)

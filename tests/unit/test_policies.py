@@ -79,7 +79,7 @@ class SpyFeedback(BanditFeedback):
         self.seen: set[tuple[int, int]] = set()
 
     def reveal(self, rows, arms):
-        self.seen.update(zip(rows.tolist(), arms.tolist()))
+        self.seen.update(zip(rows.tolist(), arms.tolist(), strict=True))
         return super().reveal(rows, arms)
 
 
@@ -92,7 +92,7 @@ def test_no_leakage_of_unchosen_outcomes(name, problem):
     spy = SpyFeedback(train)
     train_bandit(full, x_tr, spy, epochs=2, seed=3)
     chosen = np.zeros(train.scores.shape, dtype=bool)
-    rows, arms = zip(*spy.seen)
+    rows, arms = zip(*spy.seen, strict=True)
     chosen[list(rows), list(arms)] = True
     assert 0 < chosen.mean() < 1
     masked = train.subset(np.arange(len(train)))
