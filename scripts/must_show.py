@@ -40,7 +40,16 @@ def check(results: dict) -> dict:
         "supervised": sup["aiq"],
         "ratio": pols["barp"]["aiq"] / sup["aiq"],
     }
-    out["all_pass"] = all(v["pass"] for v in out.values() if isinstance(v, dict))
+    out["all_pass"] = all(v["pass"] for v in out.values() if isinstance(v, dict) and "pass" in v)
+    # information only: what mixing two grid preferences per request reaches on BaRP's convex hull
+    import numpy as np
+
+    from banditrouter.evaluation import upper_hull
+
+    hull = upper_hull([(p["cost"], p["accuracy"]) for p in barp])
+    out["info_barp_hull_accuracy_at_cost"] = {
+        f"{c:.1e}": float(np.interp(c, [h[0] for h in hull], [h[1] for h in hull])) for c in (5e-4, 1e-3, 2.5e-3)
+    }
     return out
 
 
