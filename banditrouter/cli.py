@@ -140,6 +140,58 @@ def evaluate(
     )
 
 
+@app.command()
+def serve(
+    config: Path = typer.Option(Path("configs/local.yaml"), "--config", "-c", help="banditrouter YAML config."),
+    pretrain: bool = typer.Option(True, help="Train the policy first when its checkpoint is missing."),
+):
+    """Start a local Ray on 127.0.0.1, deploy the app, print its URLs; Ctrl-C / SIGTERM stops everything."""
+    import signal
+    import threading
+
+    from banditrouter.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        _fail(str(e))
+    ckpt = cfg.policy.checkpoint
+    if not ckpt.exists():
+        datasets = {(m.replay.dataset, m.replay.data_dir) for m in cfg.models if m.backend == "replay"}
+        if not pretrain or len(datasets) != 1 or any(m.backend != "replay" for m in cfg.models):
+            _fail(f"no checkpoint at {ckpt}; train one with `banditrouter train --policy {cfg.policy.name} --out {ckpt}`")
+        from banditrouter.pipeline import run_train
+
+        ((dataset, data_dir),) = datasets
+        console.print(f"no checkpoint at {ckpt}: pretraining {cfg.policy.name} on {dataset} (train split)")
+        run_train(dataset, cfg.policy.name, ckpt, data_dir=data_dir)
+
+    import ray
+    from ray import serve as ray_serve
+
+    from deployments.app import build_app
+
+    ctx = ray.init(
+        address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        ray_serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
+        ray_serve.run(build_app(cfg), name="banditrouter", route_prefix="/", blocking=False)
+        url = f"http://{cfg.server.host}:{cfg.server.port}"
+        console.print(
+            f"[green]serving[/] {url}/v1 (OpenAI-compatible; model 'router' routes)  dashboard: http://{ctx.dashboard_url}"
+        )
+        console.print("Ctrl-C to stop")
+        stop.wait()
+    finally:
+        console.print("stopping")
+        ray_serve.shutdown()
+        ray.shutdown()
+
+
 @data_app.command("fetch")
 def fetch(
     name: str = typer.Argument(..., help="Dataset to fetch: routerbench."),

@@ -132,6 +132,12 @@ def run_eval(
         tau = cost_scale(train.log.costs, tau_quantile)
     else:
         tau = next(iter(loaded.values())).tau
+    # evaluate in the policies' arm order, whatever order the test split's loader produced
+    models = train.log.models if train else next(iter(loaded.values())).models
+    try:
+        test = Split(test.log.with_models(models), test.contexts)
+    except ValueError as e:
+        raise ValueError(f"the {split} split cannot be scored in the policies' arm order: {e}") from None
     trained: dict[str, Policy] = dict(loaded)
     timings: dict[str, float] = {}
     for name in to_train:

@@ -61,7 +61,7 @@ def load_routerbench(data_dir: str | Path | None = None, split: Split = "train")
     the full release converted by `banditrouter data fetch routerbench`).
 
     Quirks handled: duplicated `sample_id`s (the first row is kept), empty score cells (missing, not 0),
-    list-literal prompts.
+    list-literal prompts and responses.
     """
     import pandas as pd
 
@@ -105,7 +105,10 @@ def load_routerbench(data_dir: str | Path | None = None, split: Split = "train")
     responses = None
     if all(c in df.columns for c in resp_cols):
         cols = [df[c].tolist() for c in resp_cols]
-        responses = tuple(tuple((v if v != "" else None) for v in row) for row in zip(*cols, strict=True))
+        # responses are list literals too, like prompts
+        responses = tuple(
+            tuple((_parse_routerbench_prompt(v) if v != "" else None) for v in row) for row in zip(*cols, strict=True)
+        )
     return RoutingLog(
         name=f"routerbench/{split}",
         prompt_ids=tuple(df["sample_id"]),
@@ -148,14 +151,12 @@ def load_llmrouter(data_dir: str | Path | None = None, split: Split = "train") -
             raise DataError(f"{f} not found. Pass --data-dir to a folder holding llmrouter/.")
         data = json.loads(f.read_text())
         rows.extend({**r, "_id": f"{s}-{i}"} for i, r in enumerate(data))
-    models: list[str] = []
-    for r in rows:
-        for m in r["scores"]:
-            if m not in models:
-                models.append(m)
-    unpriced = [m for m in models if m not in prices]
+    seen = {m for r in rows for m in r["scores"]}
+    unpriced = sorted(seen - set(prices))
     if unpriced:
         raise DataError(f"{price_file}: no price for models {unpriced}")
+    # one canonical order for every split (the price file's), so arm k means the same model everywhere
+    models = [m for m in prices if m in seen]
     n, k = len(rows), len(models)
     scores = np.full((n, k), np.nan)
     costs = np.empty((n, k))

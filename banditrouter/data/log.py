@@ -77,6 +77,29 @@ class RoutingLog:
             notes=self.notes,
         )
 
+    def with_models(self, models: Sequence[str]) -> RoutingLog:
+        """The same log with its model columns in the given order (arm k of a policy trained on another
+        split must mean the same model here). Raises if a model is missing."""
+        models = tuple(models)
+        if models == self.models:
+            return self
+        missing = [m for m in models if m not in self.models]
+        if missing:
+            raise ValueError(f"{self.name}: no outcomes for models {missing}")
+        cols = [self.models.index(m) for m in models]
+        return RoutingLog(
+            name=self.name,
+            prompt_ids=self.prompt_ids,
+            prompts=self.prompts,
+            models=models,
+            scores=self.scores[:, cols],
+            costs=self.costs[:, cols],
+            tasks=self.tasks,
+            responses=tuple(tuple(r[c] for c in cols) for r in self.responses) if self.responses is not None else None,
+            latency_s=self.latency_s[:, cols] if self.latency_s is not None else None,
+            notes=self.notes,
+        )
+
     def head(self, n: int) -> RoutingLog:
         return self.subset(np.arange(min(n, len(self))))
 

@@ -21,6 +21,7 @@ def test_routerbench_splits_and_quirks(data_dir):
         assert len(set(log.prompt_ids)) == len(log)
         assert log.models == ROUTERBENCH_MODELS
         assert not any(p.startswith("['") for p in log.prompts), "list-literal prompts must be unwrapped"
+        assert not any(r and r.startswith("['") for row in log.responses for r in row), "responses too"
         assert np.isfinite(log.costs).all()
         assert set(np.unique(log.scores[~np.isnan(log.scores)])) <= {0.0, 1.0}
     # ids are unique within a split only: --split all keeps every prompt of both, with unique ids
@@ -61,7 +62,18 @@ def test_llmrouter_cost_estimate(data_dir):
     n_in = -(-len(log.prompts[i]) // int(LLMROUTER_CHARS_PER_TOKEN))
     assert log.costs[i, k] == pytest.approx((n_in * p["input_price"] + LLMROUTER_OUTPUT_TOKENS * p["output_price"]) / 1e6)
     assert "estimated" in log.notes[0]
-    assert len(load_llmrouter(data_dir, "train")) == 5608
+    train = load_llmrouter(data_dir, "train")
+    assert len(train) == 5608
+    assert train.models == log.models, "arm k must mean the same model in every split"
+
+
+def test_with_models_reorders_columns(data_dir):
+    log = load_routerbench(data_dir, "test").head(5)
+    rev = log.with_models(tuple(reversed(log.models)))
+    np.testing.assert_array_equal(rev.costs, log.costs[:, ::-1])
+    assert rev.responses[2][0] == log.responses[2][-1]
+    with pytest.raises(ValueError, match="no outcomes"):
+        log.with_models(("nope", *log.models[1:]))
 
 
 # -- JSONL ----------------------------------------------------------------------------------------------------

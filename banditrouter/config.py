@@ -1,0 +1,180 @@
+"""The serving configuration: one YAML file, validated by pydantic at the edge.
+
+Every field has a sentence saying what it is; a bad file fails with the field's path and what was
+expected (`ConfigError`). `deployments.app.build_app` turns a validated `AppConfig` into a Serve app.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """The config file is missing or invalid; the message names each bad field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Preference(_Strict):
+    quality: float = Field(0.7, ge=0, description="Weight on answer quality, w_quality.")
+    cost: float = Field(0.3, ge=0, description="Weight on cost, w_cost.")
+
+    @model_validator(mode="after")
+    def _not_all_zero(self):
+        if not (math.isfinite(self.quality) and math.isfinite(self.cost)) or self.quality + self.cost <= 0:
+            raise ValueError("preference weights must be finite and not both zero")
+        return self
+
+    def as_tuple(self) -> tuple[float, float]:
+        total = self.quality + self.cost
+        return (self.quality / total, self.cost / total)
+
+
+class ServerConfig(_Strict):
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the OpenAI-compatible endpoint.")
+
+
+class PolicyConfig(_Strict):
+    name: str = Field("barp", description="Policy name (must match the checkpoint's).")
+    checkpoint: Path = Field(Path("checkpoints/barp.pt"), description="Checkpoint the router loads at start.")
+    default_preference: Preference = Field(default_factory=Preference, description="Used when a request names none.")
+    explore: bool = Field(False, description="Sample from the policy (true propensities) instead of taking its argmax.")
+
+
+class EmbedderConfig(_Strict):
+    batch_size: int = Field(32, ge=1, le=1024, description="Largest batch `serve.batch` forms.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="How long a batch waits to fill.")
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto: cuda when a GPU is visible.")
+    num_replicas: int = Field(1, ge=1, description="Embedder replicas.")
+    num_threads: int | None = Field(None, ge=1, description="torch threads per replica (default: its CPUs).")
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1}, description="Per replica.")
+    max_ongoing_requests: int = Field(256, ge=1, description="Serve max_ongoing_requests per replica.")
+
+
+class RouterConfig(_Strict):
+    num_replicas: int = Field(1, ge=1, description="Router (and ingress) replicas.")
+    max_ongoing_requests: int = Field(512, ge=1, description="Serve max_ongoing_requests per replica.")
+    queue_capacity: int = Field(256, ge=1, description="Per model: requests waiting for a slot before 503.")
+    max_in_flight_per_model: int = Field(64, ge=1, description="Per model: requests dispatched at once.")
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0.5}, description="Per replica.")
+    events_path: Path | None = Field(None, description="Append decision events as JSONL here (None: keep in memory).")
+
+
+class ReplayBackendConfig(_Strict):
+    dataset: str = Field("routerbench", description="routerbench, llmrouter or a JSONL path with responses.")
+    split: Literal["train", "test", "all"] = Field("all", description="Which part of the log to answer from.")
+    data_dir: Path | None = Field(None, description="Data folder (default: as the CLI resolves it).")
+    simulate_latency: bool = Field(False, description="Sleep as long as the answer would take to generate.")
+    tokens_per_s: float = Field(60.0, gt=0, description="Generation speed for simulated latency.")
+    base_latency_s: float = Field(0.2, ge=0, description="Time to first token for simulated latency.")
+
+
+class OpenAIBackendConfig(_Strict):
+    base_url: str = Field(..., description="The upstream's OpenAI-compatible base URL, e.g. https://host/v1.")
+    model: str | None = Field(None, description="Model name upstream (default: the pool name).")
+    api_key_env: str | None = Field(None, description="Environment variable holding the API key.")
+    timeout_s: float = Field(60.0, gt=0, description="Per-call timeout.")
+    max_retries: int = Field(2, ge=0, le=10, description="Retries, on 5xx and connection errors only.")
+
+
+class VLLMBackendConfig(_Strict):
+    model_source: str = Field(..., description="Hugging Face id or local path of the weights.")
+    accelerator_type: str | None = Field(None, description="e.g. H100; None lets Ray place it on any GPU.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to vLLM's engine.")
+
+
+class ModelConfig(_Strict):
+    name: str = Field(..., min_length=1, description="Name clients use; for replay, the model's name in the log.")
+    backend: Literal["replay", "openai", "vllm"] = Field("replay", description="How the model is served.")
+    input_price_per_mtok: float | None = Field(None, ge=0, description="USD per million input tokens.")
+    output_price_per_mtok: float | None = Field(None, ge=0, description="USD per million output tokens.")
+    replay: ReplayBackendConfig | None = Field(None, description="Settings of the replay backend.")
+    openai: OpenAIBackendConfig | None = Field(None, description="Settings of the OpenAI-compatible backend.")
+    vllm: VLLMBackendConfig | None = Field(None, description="Settings of the vLLM backend (GPU).")
+    num_replicas: int = Field(1, ge=1, description="Fixed replica count (ignored with autoscaling_config).")
+    autoscaling_config: dict[str, Any] | None = Field(None, description="Serve autoscaling_config, as Serve takes it.")
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0.1}, description="Per replica.")
+    max_ongoing_requests: int = Field(128, ge=1, description="Serve max_ongoing_requests per replica.")
+
+    @model_validator(mode="after")
+    def _backend_settings(self):
+        if self.backend == "replay" and self.replay is None:
+            object.__setattr__(self, "replay", ReplayBackendConfig())
+        if self.backend == "openai" and self.openai is None:
+            raise ValueError("backend 'openai' needs an 'openai:' section with at least base_url")
+        if self.backend == "vllm" and self.vllm is None:
+            raise ValueError("backend 'vllm' needs a 'vllm:' section with at least model_source")
+        if self.backend != "replay" and (self.input_price_per_mtok is None or self.output_price_per_mtok is None):
+            raise ValueError(f"backend {self.backend!r} needs input_price_per_mtok and output_price_per_mtok to know costs")
+        if self.autoscaling_config is not None:
+            from ray.serve.config import AutoscalingConfig
+
+            AutoscalingConfig(**self.autoscaling_config)  # Serve's own validation, errors surface here
+        return self
+
+
+class AppConfig(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP endpoint.")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Routing policy.")
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig, description="Prompt embedder deployment.")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="Router deployment.")
+    models: list[ModelConfig] = Field(..., min_length=2, description="The model pool (at least two).")
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, models):
+        names = [m.name for m in models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique; repeated: {dup}")
+        if "router" in names:
+            raise ValueError("'router' is reserved for the routed endpoint; rename that model")
+        return models
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.models)
+
+
+def _format(e: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r:.80})")
+    return "\n".join(lines)
+
+
+def load_config(source: str | os.PathLike | dict, base_dir: Path | None = None) -> AppConfig:
+    """Load and validate a YAML file (or a dict). Relative paths are resolved against the file's folder."""
+    import yaml
+
+    if isinstance(source, dict):
+        raw, where, base = source, "config", base_dir or Path.cwd()
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        where, base = str(path), base_dir or path.resolve().parent
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    try:
+        cfg = AppConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format(e, where)) from None
+    ckpt = cfg.policy.checkpoint
+    if not ckpt.is_absolute():
+        cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"checkpoint": (base / ckpt).resolve()})})
+    return cfg

@@ -1,0 +1,91 @@
+"""Replay backend: answers with the real logged response and cost of this model for this prompt.
+
+A prompt found in the log (same text) gets that row's answer; any other prompt gets the answer logged for
+the nearest logged prompt by embedding cosine, flagged `{"match": "nearest", "similarity": s}`. Optional
+simulated latency (time to first token + output tokens / speed) lets load and queues behave realistically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from banditrouter.config import ReplayBackendConfig
+from banditrouter.embeddings import text_key
+from deployments.backends.base import BackendError, CompletionRequest, CompletionResult, estimate_tokens, stream_text
+
+
+class ReplayBackend:
+    def __init__(self, name: str, cfg: ReplayBackendConfig, embedder=None):
+        from banditrouter.data import load_dataset
+
+        self.name, self.cfg = name, cfg
+        log = load_dataset(cfg.dataset, cfg.split, data_dir=cfg.data_dir)
+        if name not in log.models:
+            raise BackendError(f"replay: model {name!r} is not in {log.name} (it has {list(log.models)})")
+        if log.responses is None:
+            raise BackendError(f"replay: {log.name} has no logged responses to replay")
+        k = log.models.index(name)
+        keep = [i for i in range(len(log)) if log.responses[i][k] is not None and np.isfinite(log.costs[i, k])]
+        if not keep:
+            raise BackendError(f"replay: {log.name} has no logged answers of {name!r}")
+        self.prompts = [log.prompts[i] for i in keep]
+        self.prompt_ids = [log.prompt_ids[i] for i in keep]
+        self.responses = [log.responses[i][k] for i in keep]
+        self.costs = log.costs[keep, k]
+        self.by_key = {text_key(p): j for j, p in enumerate(self.prompts)}
+        self._embedder = embedder
+        self._index: np.ndarray | None = None  # log prompt embeddings, built on the first miss
+
+    def _nearest(self, request: CompletionRequest) -> tuple[int, float]:
+        from banditrouter.embeddings import Embedder
+
+        if self._embedder is None:
+            self._embedder = Embedder()
+        if self._index is None:
+            self._index = self._embedder.embed(self.prompts)
+        x = (
+            np.asarray(request.context, dtype=np.float32)
+            if request.context is not None
+            else self._embedder.embed([request.prompt])[0]
+        )
+        sims = self._index @ x
+        j = int(sims.argmax())
+        return j, float(sims[j])
+
+    def lookup(self, request: CompletionRequest) -> tuple[int, dict]:
+        j = self.by_key.get(text_key(request.prompt))
+        if j is not None:
+            return j, {"match": "exact", "prompt_id": self.prompt_ids[j]}
+        j, sim = self._nearest(request)
+        return j, {"match": "nearest", "prompt_id": self.prompt_ids[j], "similarity": round(sim, 4)}
+
+    async def complete(self, request: CompletionRequest) -> CompletionResult:
+        t0 = time.perf_counter()
+        if text_key(request.prompt) in self.by_key:
+            j, info = self.lookup(request)
+        else:  # nearest-prompt search may have to build the index: off the event loop
+            j, info = await asyncio.to_thread(self.lookup, request)
+        text = self.responses[j]
+        n_out = estimate_tokens(text)
+        if self.cfg.simulate_latency:
+            await asyncio.sleep(self.cfg.base_latency_s + n_out / self.cfg.tokens_per_s)
+        return CompletionResult(
+            text=text,
+            cost_usd=float(self.costs[j]),
+            input_tokens=estimate_tokens(request.prompt),
+            output_tokens=n_out,
+            latency_s=time.perf_counter() - t0,
+            info={"backend": "replay", **info},
+        )
+
+    async def stream(self, request: CompletionRequest):
+        result = await self.complete(request)
+        async for piece in stream_text(result):
+            yield piece
+
+    def check_health(self) -> None:
+        if not self.responses:
+            raise BackendError("replay backend holds no answers")

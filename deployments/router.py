@@ -1,0 +1,157 @@
+"""Router deployment: embeds the prompt (through the batched embedder), asks the policy, dispatches to the
+chosen model through a bounded per-model admission queue, and emits a DecisionEvent.
+
+Admission is capacity-aware: at most `max_in_flight_per_model` requests run on a model at once and at most
+`queue_capacity` wait; beyond that the request is refused (503) rather than queued without bound. Which
+waiting request goes next is FIFO here; ACQB's scheduling replaces that rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from ray import serve
+
+from banditrouter.config import AppConfig
+from banditrouter.embeddings import text_key
+from banditrouter.schemas import DecisionEvent, new_id
+from deployments.backends import CompletionRequest, CompletionResult
+from deployments.events import make_sink
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class AdmissionQueue:
+    def __init__(self, max_in_flight: int, capacity: int):
+        self.slots = asyncio.Semaphore(max_in_flight)
+        self.capacity = capacity
+        self.waiting = 0
+
+    async def __aenter__(self):
+        if self.slots.locked():
+            if self.waiting >= self.capacity:
+                raise QueueFull
+            self.waiting += 1
+            try:
+                await self.slots.acquire()
+            finally:
+                self.waiting -= 1
+        else:
+            await self.slots.acquire()
+        return self
+
+    async def __aexit__(self, *exc):
+        self.slots.release()
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    request_id: str
+    messages: list
+    prompt: str
+    preference: tuple[float, float]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    user: str | None = None
+
+
+@serve.deployment(name="router")
+class Router:
+    def __init__(self, cfg: AppConfig, embedder, models: dict):
+        from banditrouter.policies import load_checkpoint
+
+        self.cfg = cfg
+        self.policy = load_checkpoint(cfg.policy.checkpoint)
+        missing = [m for m in self.policy.models if m not in models]
+        if missing:
+            raise ValueError(f"policy {cfg.policy.checkpoint} routes to {missing}, which the pool does not serve")
+        self.embedder = embedder
+        self.models = models
+        self.queues = {m: AdmissionQueue(cfg.router.max_in_flight_per_model, cfg.router.queue_capacity) for m in models}
+        self.sink = make_sink(cfg.router.events_path)
+        self.pool_version = text_key(",".join(sorted(models)))[:12]
+
+    def _decide(self, x: np.ndarray, pref: tuple[float, float]):
+        d = self.policy.select(x[None, :], np.asarray([pref]), explore=self.cfg.policy.explore)
+        return d[0]
+
+    def _routing(self, decision_id: str, model: str, d, cost: float | None) -> dict:
+        return {
+            "decision_id": decision_id,
+            "model": model,
+            "propensity": d.propensity,
+            "policy": self.policy.name,
+            "policy_version": d.policy_version,
+            "cost_usd": cost,
+        }
+
+    def _emit(self, req: RouteRequest, decision_id: str, model: str, d, x: np.ndarray, result: CompletionResult | None):
+        self.sink.emit(
+            DecisionEvent(
+                decision_id=decision_id,
+                request_id=req.request_id,
+                model=model,
+                arm=d.arm,
+                propensity=d.propensity,
+                policy=self.policy.name,
+                policy_version=d.policy_version,
+                preference=tuple(req.preference),
+                context=[float(v) for v in x],
+                context_ref=text_key(req.prompt),
+                cost_usd=result.cost_usd if result else None,
+                latency_s=result.latency_s if result else None,
+                pool_version=self.pool_version,
+                user=req.user,
+            )
+        )
+
+    async def _prepare(self, req: RouteRequest):
+        x = np.asarray(await self.embedder.remote(req.prompt), dtype=np.float32)
+        d = self._decide(x, req.preference)
+        return x, d, self.policy.models[d.arm], new_id()
+
+    def _completion_request(self, req: RouteRequest, x: np.ndarray) -> CompletionRequest:
+        return CompletionRequest(
+            request_id=req.request_id,
+            messages=req.messages,
+            prompt=req.prompt,
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            context=x.tolist(),
+        )
+
+    async def route(self, req: RouteRequest) -> dict:
+        x, d, model, decision_id = await self._prepare(req)
+        async with self.queues[model]:
+            result: CompletionResult = await self.models[model].complete.remote(self._completion_request(req, x))
+        self._emit(req, decision_id, model, d, x, result)
+        return {"result": result, "routing": self._routing(decision_id, model, d, result.cost_usd)}
+
+    async def route_stream(self, req: RouteRequest):
+        """Yields the routing dict first, then text chunks, then the final CompletionResult."""
+        x, d, model, decision_id = await self._prepare(req)
+        yield self._routing(decision_id, model, d, None)
+        result = None
+        async with self.queues[model]:
+            async for item in self.models[model].options(stream=True).stream.remote(self._completion_request(req, x)):
+                if isinstance(item, CompletionResult):
+                    result = item
+                yield item
+        self._emit(req, decision_id, model, d, x, result)
+
+    def info(self) -> dict:
+        return {
+            "policy": self.policy.name,
+            "policy_version": self.policy.version,
+            "models": list(self.policy.models),
+            "queues": {m: {"waiting": q.waiting} for m, q in self.queues.items()},
+            "time": time.time(),
+        }
+
+    def recent_events(self, n: int = 100) -> list[dict]:
+        return self.sink.recent(n)
