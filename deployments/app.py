@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray import serve
 from ray.serve import Application
 
 from banditrouter.config import AppConfig, load_config

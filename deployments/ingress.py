@@ -13,7 +13,6 @@ request id is also in the `x-request-id` header, which Serve's proxy sets (from 
 """
 
 import json
-import math
 import time
 import uuid
 from typing import Any, Literal

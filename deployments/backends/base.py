@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, Protocol
 
 CHARS_PER_TOKEN = 4.0
 """Token counts are estimated as characters / 4 where the backend reports none (replay)."""

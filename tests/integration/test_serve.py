@@ -107,7 +107,8 @@ OK = {"model": "router", "messages": [{"role": "user", "content": "hello"}]}
         ({**OK, "routing": {"preference": {"quality": 0, "cost": 0}}}, 422, "both be zero"),
         ({**OK, "routing": {"preference": {"quality": "high", "cost": 0}}}, 422, "quality"),
         (
-            b'{"model": "router", "messages": [{"role": "user", "content": "hi"}], "routing": {"preference": {"quality": NaN, "cost": 1}}}',
+            b'{"model": "router", "messages": [{"role": "user", "content": "hi"}], '
+            b'"routing": {"preference": {"quality": NaN, "cost": 1}}}',
             422,
             "quality",
         ),
