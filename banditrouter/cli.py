@@ -169,11 +169,10 @@ def serve(
     import ray
     from ray import serve as ray_serve
 
+    from banditrouter.ray_local import init_local_ray
     from deployments.app import build_app
 
-    ctx = ray.init(
-        address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False
-    )
+    ctx = init_local_ray(dashboard=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -189,7 +188,70 @@ def serve(
     finally:
         console.print("stopping")
         ray_serve.shutdown()
+        if cfg.learning.enabled:
+            from learner.actors import kill_actors
+
+            kill_actors()
         ray.shutdown()
+
+
+@app.command()
+def bench(
+    config: Path = typer.Option(Path("configs/local.yaml"), "--config", "-c", help="banditrouter YAML config."),
+    requests: int = typer.Option(2000, "--requests", "-n", min=1, help="Routed requests to send (distinct prompts)."),
+    concurrency: int = typer.Option(16, "--concurrency", min=1, help="Concurrent HTTP clients."),
+    out: Path = typer.Option(Path("reports/bench.json"), "--out", "-o", help="Where to write the JSON."),
+    seed: int = typer.Option(0, "--seed"),
+    prompt_chars: int | None = typer.Option(
+        None, "--prompt-chars", min=1, help="Cut each prompt to this many characters (stresses the serving path)."
+    ),
+):
+    """Raw embedder throughput vs routed end-to-end throughput and latency on the same prompts (prints JSON)."""
+    import json
+
+    from banditrouter.bench import run_bench
+    from banditrouter.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        _fail(str(e))
+    if not cfg.policy.checkpoint.exists():
+        _fail(f"no checkpoint at {cfg.policy.checkpoint}; run `banditrouter serve` once or `banditrouter train` first")
+    result = run_bench(cfg, requests, concurrency, out, seed, prompt_chars)
+    print(json.dumps(result, indent=2))
+
+
+@app.command()
+def simulate(
+    url: str = typer.Option("http://127.0.0.1:8000", "--url", help="A running banditrouter with learning enabled."),
+    dataset: str = DatasetOpt,
+    split: str = typer.Option("train", "--split"),
+    requests: int = typer.Option(3000, "--requests", "-n", min=1),
+    concurrency: int = typer.Option(8, "--concurrency", min=1),
+    out: Path = typer.Option(Path("reports/online"), "--out", "-o", help="Folder for online.json and online.png."),
+    retrials: bool = typer.Option(False, "--retrials", help="Unsatisfied users retry (logistic in the score)."),
+    cold_start: bool = typer.Option(False, "--cold-start", help="Reset the learner to an untrained policy first."),
+    seed: int = typer.Option(0, "--seed"),
+    preference_sampler: str = typer.Option("uniform", "--preference-sampler", help="uniform or arcsine draws of w_cost."),
+    data_dir: Path | None = DataDirOpt,
+):
+    """Closed loop through the HTTP API: routed requests, bandit feedback, learning curves."""
+    from banditrouter.data import DataError
+    from banditrouter.simulate import SimulationError, run_simulation
+
+    try:
+        res = run_simulation(
+            url, dataset, split, requests, concurrency, out, retrials=retrials, cold_start=cold_start, seed=seed,
+            sampler=preference_sampler, data_dir=data_dir,
+        )  # fmt: skip
+    except (DataError, SimulationError) as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot reach {url}: {e}")
+    keys = ("completed", "failed_fraction", "mean_reward", "staleness_p95_s", "checkpoint")
+    console.print({k: res[k] for k in keys})
+    console.print(f"wrote {out / 'online.json'} and {out / 'online.png'}")
 
 
 @data_app.command("fetch")

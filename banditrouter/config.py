@@ -40,6 +40,8 @@ class Preference(_Strict):
 class ServerConfig(_Strict):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the OpenAI-compatible endpoint.")
+    access_log: bool = Field(False, description="Serve's per-request access log lines in every replica (costly on small hosts).")
+    log_level: str = Field("INFO", description="Log level of the app's replicas.")
 
 
 class PolicyConfig(_Strict):
@@ -66,6 +68,22 @@ class RouterConfig(_Strict):
     max_in_flight_per_model: int = Field(64, ge=1, description="Per model: requests dispatched at once.")
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0.5}, description="Per replica.")
     events_path: Path | None = Field(None, description="Append decision events as JSONL here (None: keep in memory).")
+
+
+class LearningConfig(_Strict):
+    enabled: bool = Field(False, description="Learn online: decisions and feedback go to the buffer, the learner pushes weights.")
+    state_dir: Path = Field(Path("state"), description="Event log, learner commits and learner_latest.pt live here.")
+    batch_size: int = Field(16, ge=1, description="Joined samples per policy update.")
+    max_wait_s: float = Field(0.5, gt=0, description="Update with fewer samples once the oldest waited this long.")
+    poll_interval_s: float = Field(0.05, gt=0, description="How often the idle learner polls the buffer.")
+    retrial_similarity: float = Field(
+        0.9, ge=-1, le=1, description="theta: cosine at or above which a user's next prompt is a retrial."
+    )
+    retrial_window_s: float = Field(
+        60.0, gt=0, description="T: a retrial must come within this; after it a decision is accepted."
+    )
+    train_on_implicit: bool = Field(False, description="Learn from retrials (score 0) and acceptances (score 1).")
+    cold_start: bool = Field(False, description="Start the learner from an untrained policy (same pool and tau).")
 
 
 class ReplayBackendConfig(_Strict):
@@ -127,6 +145,7 @@ class AppConfig(_Strict):
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Routing policy.")
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig, description="Prompt embedder deployment.")
     router: RouterConfig = Field(default_factory=RouterConfig, description="Router deployment.")
+    learning: LearningConfig = Field(default_factory=LearningConfig, description="Online learning loop.")
     models: list[ModelConfig] = Field(..., min_length=2, description="The model pool (at least two).")
 
     @field_validator("models")
@@ -177,4 +196,8 @@ def load_config(source: str | os.PathLike | dict, base_dir: Path | None = None) 
     ckpt = cfg.policy.checkpoint
     if not ckpt.is_absolute():
         cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"checkpoint": (base / ckpt).resolve()})})
+    if not cfg.learning.state_dir.is_absolute():
+        cfg = cfg.model_copy(
+            update={"learning": cfg.learning.model_copy(update={"state_dir": (base / cfg.learning.state_dir).resolve()})}
+        )
     return cfg

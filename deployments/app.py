@@ -11,13 +11,28 @@ from ray.serve import Application
 from banditrouter.config import AppConfig, load_config
 
 
-def _options(num_replicas: int, autoscaling: dict | None, actor_options: dict, max_ongoing: int) -> dict[str, Any]:
-    opts: dict[str, Any] = {"ray_actor_options": dict(actor_options), "max_ongoing_requests": max_ongoing}
+def _options(
+    cfg: AppConfig, num_replicas: int, autoscaling: dict | None, actor_options: dict, max_ongoing: int
+) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "ray_actor_options": dict(actor_options),
+        "max_ongoing_requests": max_ongoing,
+        "logging_config": {"enable_access_log": cfg.server.access_log, "log_level": cfg.server.log_level},
+    }
     if autoscaling:
         opts["autoscaling_config"] = dict(autoscaling)
     else:
         opts["num_replicas"] = num_replicas
     return opts
+
+
+def _llm_server(m) -> tuple:
+    """For a vllm model, its ray.serve.llm LLMServer deployment (bound into this app); nothing otherwise."""
+    if m.backend != "vllm":
+        return ()
+    from deployments.backends.vllm import build_llm_app
+
+    return (build_llm_app(m),)
 
 
 def build_app(cfg: AppConfig) -> Application:
@@ -26,24 +41,24 @@ def build_app(cfg: AppConfig) -> Application:
     from deployments.model import ModelDeployment
     from deployments.router import Router
 
-    if any(m.backend == "vllm" for m in cfg.models):
-        raise NotImplementedError(
-            "vLLM model replicas are not wired into the app yet; serve them with ray.serve.llm and point an "
-            "'openai' backend at its /v1 URL meanwhile"
-        )
     models = {
         m.name: ModelDeployment.options(
-            name=f"model:{m.name}", **_options(m.num_replicas, m.autoscaling_config, m.ray_actor_options, m.max_ongoing_requests)
-        ).bind(m)
+            name=f"model:{m.name}",
+            **_options(cfg, m.num_replicas, m.autoscaling_config, m.ray_actor_options, m.max_ongoing_requests),
+        ).bind(m, *_llm_server(m))
         for m in cfg.models
     }
     e = cfg.embedder
-    embedder = EmbedderDeployment.options(**_options(e.num_replicas, None, e.ray_actor_options, e.max_ongoing_requests)).bind(e)
+    embedder = EmbedderDeployment.options(
+        **_options(cfg, e.num_replicas, None, e.ray_actor_options, e.max_ongoing_requests)
+    ).bind(e)
     r = cfg.router
-    router = Router.options(**_options(r.num_replicas, None, r.ray_actor_options, r.max_ongoing_requests)).bind(
+    router = Router.options(**_options(cfg, r.num_replicas, None, r.ray_actor_options, r.max_ongoing_requests)).bind(
         cfg, embedder, models
     )
-    return Ingress.options(**_options(r.num_replicas, None, {"num_cpus": 0}, r.max_ongoing_requests)).bind(cfg, router, models)
+    return Ingress.options(**_options(cfg, r.num_replicas, None, {"num_cpus": 0}, r.max_ongoing_requests)).bind(
+        cfg, router, models
+    )
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -113,6 +113,12 @@ class Ingress:
         self.router = router
         self.models = models
         self.default_preference = cfg.policy.default_preference.as_tuple()
+        self.buffer = self.learner = None
+        if cfg.learning.enabled:
+            from learner.actors import get_or_create_buffer, get_or_create_learner
+
+            self.buffer = get_or_create_buffer(cfg)
+            self.learner = get_or_create_learner(cfg)
 
     async def _parse(self, request: Request) -> ChatRequest:
         raw = await request.body()
@@ -256,7 +262,79 @@ class Ingress:
     @app.get("/health")
     async def health(self):
         info = await self.router.info.remote()
-        return {"status": "ok", "policy": info["policy"], "policy_version": info["policy_version"], "models": list(self.models)}
+        return {
+            "status": "ok",
+            "policy": info["policy"],
+            "policy_version": info["policy_version"],
+            "tau": info["tau"],
+            "learning": self.buffer is not None,
+            "models": list(self.models),
+        }
+
+    async def _json_object(self, request: Request) -> dict:
+        raw = await request.body()
+        try:
+            data = json.loads(raw.decode("utf-8"), parse_constant=lambda c: float("nan"))
+        except UnicodeDecodeError:
+            raise ApiError(400, "request body is not valid UTF-8") from None
+        except json.JSONDecodeError as e:
+            raise ApiError(400, f"request body is not valid JSON: {e.msg}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        return data
+
+    def _learning(self):
+        if self.buffer is None:
+            raise ApiError(404, "online learning is off in this deployment (learning.enabled: false)", code="learning_disabled")
+
+    @app.post("/v1/feedback")
+    async def feedback(self, request: Request):
+        """{"decision_id": str, "score": float in [0, 1]}. Idempotent per decision; unknown id 404; a second,
+        different score 409; NaN / out of range 422. Every refusal is counted at the buffer."""
+        request_id = _request_id(request)
+        try:
+            self._learning()
+            data = await self._json_object(request)
+            decision_id, score = data.get("decision_id"), data.get("score")
+            if not isinstance(decision_id, str) or not decision_id:
+                raise ApiError(422, "decision_id: a non-empty string is required")
+            if "score" not in data:
+                raise ApiError(422, "score: required, a number in [0, 1]")
+            out = await self.buffer.add_feedback.remote(decision_id, score)
+            code = out.pop("code")
+            if code != 200:
+                kind = {404: "not_found_error", 409: "conflict_error"}.get(code, "invalid_request_error")
+                raise ApiError(code, out["message"], kind, out["reason"])
+            return JSONResponse({**out, "request_id": request_id})
+        except ApiError as e:
+            return _error(request_id, e)
+
+    @app.get("/v1/learner/stats")
+    async def learner_stats(self, request: Request):
+        try:
+            self._learning()
+        except ApiError as e:
+            return _error(_request_id(request), e)
+        learner, buffer = await self.learner.stats.remote(), await self.buffer.stats.remote()
+        return {"learner": learner, "buffer": buffer}
+
+    @app.get("/v1/learner/installs")
+    async def learner_installs(self, request: Request):
+        """When each router replica installed each version, and the staleness of that install."""
+        try:
+            self._learning()
+        except ApiError as e:
+            return _error(_request_id(request), e)
+        return {"installs": await self.learner.installs_log.remote()}
+
+    @app.post("/v1/learner/reset")
+    async def learner_reset(self, request: Request):
+        """Cold start: the learner replaces the policy with an untrained one; routers install it."""
+        try:
+            self._learning()
+        except ApiError as e:
+            return _error(_request_id(request), e)
+        return {"version": await self.learner.reset.remote()}
 
     @app.get("/v1/routing/events")
     async def events(self, n: int = 100):

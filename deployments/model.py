@@ -10,9 +10,9 @@ from deployments.backends import CompletionRequest, CompletionResult, make_backe
 
 @serve.deployment
 class ModelDeployment:
-    def __init__(self, cfg: ModelConfig, vllm_base_url: str | None = None):
+    def __init__(self, cfg: ModelConfig, llm_server=None):
         self.cfg = cfg
-        self.backend = make_backend(cfg, vllm_base_url)
+        self.backend = make_backend(cfg, llm_server)
 
     async def complete(self, request: CompletionRequest) -> CompletionResult:
         return await self.backend.complete(request)

@@ -9,6 +9,7 @@ waiting request goes next is FIFO here; ACQB's scheduling replaces that rule.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from banditrouter.embeddings import text_key
 from banditrouter.schemas import DecisionEvent, new_id
 from deployments.backends import CompletionRequest, CompletionResult
 from deployments.events import make_sink
+
+logger = logging.getLogger("ray.serve")
 
 
 class QueueFull(RuntimeError):
@@ -75,6 +78,70 @@ class Router:
         self.queues = {m: AdmissionQueue(cfg.router.max_in_flight_per_model, cfg.router.queue_capacity) for m in models}
         self.sink = make_sink(cfg.router.events_path)
         self.pool_version = text_key(",".join(sorted(models)))[:12]
+        self.buffer = self.learner = None
+        self._sync_task: asyncio.Task | None = None
+        self.weights = {"installed": 0, "rejected": 0, "last_error": None}
+        if cfg.learning.enabled:
+            from learner.actors import get_or_create_buffer, get_or_create_learner
+
+            self.buffer = get_or_create_buffer(cfg)
+            self.learner = get_or_create_learner(cfg)
+        from banditrouter.metrics import RouterMetrics
+
+        self.metrics = RouterMetrics()
+        self.metrics.version.set(self.policy.version)
+
+    # -- weights from the learner ---------------------------------------------------------------------------
+    def _replica(self) -> str:
+        try:
+            ctx = serve.get_replica_context()
+            return getattr(getattr(ctx, "replica_id", None), "unique_id", None) or str(ctx.replica_tag)
+        except Exception:  # outside Serve (unit tests)
+            return "local"
+
+    def load_weights(self, version: int, state) -> dict:
+        """Install a weights blob; a corrupt, non-finite or wrong-shape one is refused and the current
+        policy keeps serving."""
+        from banditrouter.policies.base import StateError
+        from learner.core import install
+
+        try:
+            fresh = install(self.policy, state)
+        except (StateError, KeyError, TypeError, ValueError) as e:
+            self.weights["rejected"] += 1
+            self.weights["last_error"] = str(e)
+            self.metrics.rejected_weights.inc()
+            logger.warning(f"refused weights version {version}: {e}")
+            return {"installed": False, "error": str(e), "version": self.policy.version}
+        self.policy = fresh  # one reference swap: a decision sees the old or the new policy, never a mix
+        self.weights["installed"] += 1
+        self.metrics.version.set(self.policy.version)
+        if self.learner is not None:
+            self.learner.report_install.remote(self._replica(), self.policy.version, time.time())
+        return {"installed": True, "version": self.policy.version}
+
+    async def _sync_weights(self) -> None:
+        while True:
+            try:
+                got = await self.learner.wait_for_weights.remote(self.policy.version, 10.0)
+                if got is not None:
+                    self.load_weights(*got)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # learner restarting: keep serving, ask again
+                self.weights["last_error"] = f"learner unreachable: {e}"
+                await asyncio.sleep(0.5)
+
+    async def _ensure_sync(self) -> None:
+        if self.learner is None or self._sync_task is not None:
+            return
+        self._sync_task = asyncio.get_running_loop().create_task(self._sync_weights())
+        try:  # the first request of a (re)started replica waits for the learner's current weights
+            got = await asyncio.wait_for(self.learner.wait_for_weights.remote(-1, 0.0), timeout=10)
+            if got is not None:
+                self.load_weights(*got)
+        except Exception as e:
+            self.weights["last_error"] = f"learner unreachable: {e}"
 
     def _decide(self, x: np.ndarray, pref: tuple[float, float]):
         d = self.policy.select(x[None, :], np.asarray([pref]), explore=self.cfg.policy.explore)
@@ -90,27 +157,31 @@ class Router:
             "cost_usd": cost,
         }
 
-    def _emit(self, req: RouteRequest, decision_id: str, model: str, d, x: np.ndarray, result: CompletionResult | None):
-        self.sink.emit(
-            DecisionEvent(
-                decision_id=decision_id,
-                request_id=req.request_id,
-                model=model,
-                arm=d.arm,
-                propensity=d.propensity,
-                policy=self.policy.name,
-                policy_version=d.policy_version,
-                preference=tuple(req.preference),
-                context=[float(v) for v in x],
-                context_ref=text_key(req.prompt),
-                cost_usd=result.cost_usd if result else None,
-                latency_s=result.latency_s if result else None,
-                pool_version=self.pool_version,
-                user=req.user,
-            )
+    async def _emit(self, req: RouteRequest, decision_id: str, model: str, d, x: np.ndarray, result: CompletionResult | None):
+        ev = DecisionEvent(
+            decision_id=decision_id,
+            request_id=req.request_id,
+            model=model,
+            arm=d.arm,
+            propensity=d.propensity,
+            policy=self.policy.name,
+            policy_version=d.policy_version,
+            preference=tuple(req.preference),
+            context=[float(v) for v in x],
+            context_ref=text_key(req.prompt),
+            cost_usd=result.cost_usd if result else None,
+            latency_s=result.latency_s if result else None,
+            pool_version=self.pool_version,
+            user=req.user,
         )
+        self.sink.emit(ev)
+        self.metrics.decision(model, result.cost_usd if result else None)
+        if self.buffer is not None:
+            # awaited: once the caller holds the decision id, feedback on it finds the decision in the log
+            await self.buffer.append_decisions.remote([ev.to_dict()])
 
     async def _prepare(self, req: RouteRequest):
+        await self._ensure_sync()
         x = np.asarray(await self.embedder.remote(req.prompt), dtype=np.float32)
         d = self._decide(x, req.preference)
         return x, d, self.policy.models[d.arm], new_id()
@@ -129,7 +200,7 @@ class Router:
         x, d, model, decision_id = await self._prepare(req)
         async with self.queues[model]:
             result: CompletionResult = await self.models[model].complete.remote(self._completion_request(req, x))
-        self._emit(req, decision_id, model, d, x, result)
+        await self._emit(req, decision_id, model, d, x, result)
         return {"result": result, "routing": self._routing(decision_id, model, d, result.cost_usd)}
 
     async def route_stream(self, req: RouteRequest):
@@ -142,7 +213,7 @@ class Router:
                 if isinstance(item, CompletionResult):
                     result = item
                 yield item
-        self._emit(req, decision_id, model, d, x, result)
+        await self._emit(req, decision_id, model, d, x, result)
 
     def info(self) -> dict:
         return {
@@ -150,6 +221,9 @@ class Router:
             "policy_version": self.policy.version,
             "models": list(self.policy.models),
             "queues": {m: {"waiting": q.waiting} for m, q in self.queues.items()},
+            "tau": self.policy.tau,
+            "weights": dict(self.weights),
+            "replica": self._replica(),
             "time": time.time(),
         }
 

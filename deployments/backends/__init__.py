@@ -6,7 +6,7 @@ from banditrouter.config import ModelConfig
 from deployments.backends.base import BackendError, CompletionRequest, CompletionResult, ModelBackend
 
 
-def make_backend(cfg: ModelConfig, vllm_base_url: str | None = None) -> ModelBackend:
+def make_backend(cfg: ModelConfig, llm_handle=None) -> ModelBackend:
     """Build the backend a model config names (imports only what that backend needs)."""
     if cfg.backend == "replay":
         from deployments.backends.replay import ReplayBackend
@@ -17,18 +17,12 @@ def make_backend(cfg: ModelConfig, vllm_base_url: str | None = None) -> ModelBac
 
         return OpenAIBackend(cfg.name, cfg.openai, cfg.input_price_per_mtok, cfg.output_price_per_mtok)
     if cfg.backend == "vllm":
-        # vLLM replicas run as a ray.serve.llm OpenAI app (deployments/vllm_app.py); we call it as an upstream.
-        from banditrouter.config import OpenAIBackendConfig
-        from deployments.backends.openai_upstream import OpenAIBackend
+        # The engine runs in a ray.serve.llm LLMServer deployment bound into the same app; we hold its handle.
+        from deployments.backends.vllm import VLLMBackend
 
-        if vllm_base_url is None:
-            raise BackendError(f"model {cfg.name!r}: the vLLM app's URL is unknown")
-        return OpenAIBackend(
-            cfg.name,
-            OpenAIBackendConfig(base_url=vllm_base_url, model=cfg.name),
-            cfg.input_price_per_mtok,
-            cfg.output_price_per_mtok,
-        )
+        if llm_handle is None:
+            raise BackendError(f"model {cfg.name!r}: backend 'vllm' needs the handle of its LLMServer deployment")
+        return VLLMBackend(cfg, llm_handle)
     raise BackendError(f"unknown backend {cfg.backend!r}")
 
 

@@ -1,0 +1,181 @@
+"""The durable event log between serving and learning.
+
+`EventLog` is the small interface; `SQLiteEventLog` the embedded default: an append-only SQLite table in
+WAL mode, one row per event, ordered by `seq`, unique by `event_id` (a re-sent event is ignored, so
+delivery can be at-least-once). `BufferActor` owns the file: routers and the ingress reach the actor, not
+the file, so it works across a Ray cluster.
+
+The actor also validates feedback against the decisions it holds (unknown id, a second different score,
+NaN or out-of-range values are refused and counted) and turns a user's repeated prompt into a `retrial`
+of their previous decision (cosine >= theta within T seconds); a decision with a user and no retrial within
+T becomes `accepted`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from banditrouter.schemas import FeedbackEvent
+
+
+class EventLog(Protocol):
+    def append(self, events: list[dict[str, Any]]) -> int:
+        """Append events (dicts with `event_id` and `kind`); returns how many were new."""
+        ...
+
+    def read(self, after: int, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        """Events with seq > after, oldest first, at most `limit`."""
+        ...
+
+    def last_seq(self) -> int: ...
+
+
+class SQLiteEventLog:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes (WAL); fsync at checkpoints
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT UNIQUE NOT NULL,"
+            " kind TEXT NOT NULL, decision_id TEXT, received REAL NOT NULL, body TEXT NOT NULL)"
+        )
+        self.db.execute("CREATE INDEX IF NOT EXISTS events_decision ON events (decision_id, kind)")
+
+    def append(self, events: list[dict[str, Any]]) -> int:
+        now = time.time()
+        rows = [(e["event_id"], e["kind"], e.get("decision_id"), now, json.dumps({**e, "received": now})) for e in events]
+        with self._lock:
+            before = self.db.total_changes
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "INSERT OR IGNORE INTO events (event_id, kind, decision_id, received, body) VALUES (?, ?, ?, ?, ?)", rows
+            )
+            self.db.execute("COMMIT")
+            return self.db.total_changes - before
+
+    def read(self, after: int, limit: int = 1000) -> list[tuple[int, dict[str, Any]]]:
+        with self._lock:
+            cur = self.db.execute("SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
+            return [(seq, json.loads(body)) for seq, body in cur.fetchall()]
+
+    def last_seq(self) -> int:
+        with self._lock:
+            return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+
+    def outcomes(self, decision_id: str) -> list[tuple[str, float | None]]:
+        with self._lock:
+            cur = self.db.execute(
+                "SELECT kind, body FROM events WHERE decision_id = ? AND kind != 'decision' ORDER BY seq", (decision_id,)
+            )
+            return [(kind, json.loads(body).get("value")) for kind, body in cur.fetchall()]
+
+    def has_decision(self, decision_id: str) -> bool:
+        with self._lock:
+            row = self.db.execute("SELECT 1 FROM events WHERE decision_id = ? AND kind = 'decision' LIMIT 1", (decision_id,))
+            return row.fetchone() is not None
+
+    def event_ids(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self.db.execute("SELECT event_id FROM events ORDER BY seq")]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class FeedbackRefused(ValueError):
+    """Feedback the policy must never see; `status` is the HTTP status the ingress answers."""
+
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status, self.reason = status, reason
+
+
+class EventBuffer:
+    """Event log + feedback validation + retrial detection (the logic of the buffer actor, Ray-free)."""
+
+    def __init__(self, path: str | Path, retrial_similarity: float = 0.9, retrial_window_s: float = 60.0):
+        self.log = SQLiteEventLog(path)
+        self.theta, self.window = retrial_similarity, retrial_window_s
+        self.refused: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()
+        self._last_by_user: dict[str, tuple[str, np.ndarray, float]] = {}
+        self._awaiting_acceptance: dict[str, float] = {}  # decision_id -> time, for decisions with a user
+
+    # -- decisions ------------------------------------------------------------------------------------------
+    def append_decisions(self, events: list[dict[str, Any]]) -> int:
+        new = self.log.append(events)
+        self.counts["decision"] += new
+        for e in events:
+            self._track_user(e)
+        return new
+
+    def _track_user(self, e: dict[str, Any]) -> None:
+        user, ctx = e.get("user"), e.get("context")
+        if not user or ctx is None:
+            return
+        x, now = np.asarray(ctx, dtype=np.float32), float(e.get("time") or time.time())
+        prev = self._last_by_user.get(user)
+        if prev is not None:
+            prev_id, prev_x, prev_t = prev
+            if now - prev_t <= self.window and float(prev_x @ x) >= self.theta and self._awaiting_acceptance.pop(prev_id, None):
+                self._append_outcome(FeedbackEvent(prev_id, "retrial", 0.0).to_dict())
+        self._last_by_user[user] = (e["decision_id"], x, now)
+        self._awaiting_acceptance[e["decision_id"]] = now
+
+    def sweep(self, now: float | None = None) -> int:
+        """Decisions with a user and no retrial within T count as accepted."""
+        now = time.time() if now is None else now
+        due = [d for d, t in self._awaiting_acceptance.items() if now - t > self.window]
+        for d in due:
+            del self._awaiting_acceptance[d]
+            self._append_outcome(FeedbackEvent(d, "accepted", 1.0).to_dict())
+        return len(due)
+
+    def _append_outcome(self, event: dict[str, Any]) -> None:
+        self.counts[event["kind"]] += self.log.append([event])
+
+    # -- explicit feedback ----------------------------------------------------------------------------------
+    def _refuse(self, status: int, reason: str, message: str):
+        self.refused[reason] += 1
+        raise FeedbackRefused(status, reason, message)
+
+    def add_feedback(self, decision_id: str, score: Any, event_id: str | None = None) -> dict[str, Any]:
+        """Validate and append an explicit score. Idempotent: the same score again answers 'duplicate'."""
+        if not isinstance(score, int | float) or isinstance(score, bool) or not math.isfinite(score):
+            self._refuse(422, "not_finite", f"score must be a finite number in [0, 1], got {score!r}")
+        if not 0.0 <= float(score) <= 1.0:
+            self._refuse(422, "out_of_range", f"score must lie in [0, 1], got {score}")
+        if not self.log.has_decision(decision_id):
+            self._refuse(404, "unknown_decision", f"no decision {decision_id!r} (it may not have been routed here)")
+        earlier = [v for k, v in self.log.outcomes(decision_id) if k == "explicit"]
+        if earlier:
+            if math.isclose(earlier[0], float(score), abs_tol=1e-12):
+                self.refused["replay"] += 1
+                return {"status": "duplicate", "decision_id": decision_id}
+            self._refuse(409, "conflict", f"decision {decision_id!r} already has score {earlier[0]}; scores are final")
+        ev = FeedbackEvent(decision_id, "explicit", float(score))
+        if event_id:
+            ev = FeedbackEvent(decision_id, "explicit", float(score), event_id=event_id)
+        self._append_outcome(ev.to_dict())
+        return {"status": "recorded", "decision_id": decision_id, "event_id": ev.event_id}
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "last_seq": self.log.last_seq(),
+            "events": dict(self.counts),
+            "refused": dict(self.refused),
+            "awaiting_acceptance": len(self._awaiting_acceptance),
+            "path": str(self.log.path),
+        }

@@ -1,0 +1,236 @@
+"""The learner's logic, Ray-free: consume events in log order, join decisions with their outcomes into
+bandit samples, update the policy, commit parameters + consumed offset atomically.
+
+Exactly-once effect with at-least-once delivery: the log is ordered (`seq`) and unique by event id, and a
+commit stores the policy state, the offset and the ids of the events it covers in one SQLite transaction.
+After a crash the learner reloads the last commit and re-reads the log: events up to the offset only
+rebuild the join state (which decisions are still waiting for an outcome), later events are applied again,
+and they were not in the parameters it reloaded. So every event is counted once in the parameters, and the
+`consumed` table (primary key: event id) proves it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import sqlite3
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from banditrouter.policies import save_checkpoint
+from banditrouter.policies.base import BanditBatch, Policy, StateError
+
+
+@dataclass(frozen=True)
+class LearnerSettings:
+    batch_size: int = 16
+    """Samples per update (the learner also updates with fewer once `max_wait_s` has passed)."""
+    max_wait_s: float = 0.5
+    train_on_implicit: bool = False
+    """Learn from retrial (score 0) / accepted (score 1) when no explicit score came."""
+    max_pending: int = 100_000
+    """Decisions waiting for an outcome; the oldest are dropped beyond this."""
+
+
+def _dumps(state: dict[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def _loads(blob: bytes) -> dict[str, Any]:
+    return torch.load(io.BytesIO(blob), weights_only=False)
+
+
+def params_finite(state: dict[str, Any]) -> bool:
+    return all(np.isfinite(np.asarray(v)).all() for v in state["params"].values() if np.asarray(v).dtype.kind == "f")
+
+
+class Learner:
+    def __init__(self, policy: Policy, state_dir: str | Path, settings: LearnerSettings = LearnerSettings()):
+        self.policy, self.settings = policy, settings
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.export_path = self.state_dir / "learner_latest.pt"
+        self.db = sqlite3.connect(self.state_dir / "learner.sqlite", check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS commit_state (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER,"
+                        " offset INTEGER, time REAL, stats TEXT, state BLOB)")  # fmt: skip
+        self.db.execute("CREATE TABLE IF NOT EXISTS consumed (event_id TEXT PRIMARY KEY, seq INTEGER NOT NULL)")
+        self.offset = 0  # events <= offset are in the committed parameters
+        self.seen = 0  # events <= seen have been read
+        self._uncommitted: list[tuple[int, str]] = []
+        self.pending: dict[str, dict[str, Any]] = {}
+        self.resolved: set[str] = set()
+        self.samples: list[tuple[dict[str, Any], float, float]] = []  # (decision, score, feedback received time)
+        self.counts: Counter[str] = Counter()
+        self.last_update_time = time.time()
+        self.last_rewards: np.ndarray = np.zeros(0)
+        self.version_feedback_time: dict[int, float] = {}
+        """version -> when the oldest feedback in the update that made it was received (staleness)."""
+
+    # -- restore ----------------------------------------------------------------------------------------------
+    def restore(self, read) -> bool:
+        """Load the last commit (if any) and rebuild the join state from the log. `read(after, limit)`."""
+        row = self.db.execute("SELECT offset, state FROM commit_state WHERE id = 1").fetchone()
+        if row is None:
+            return False
+        offset, blob = row
+        self.policy.load_state_dict(_loads(blob))
+        self.offset = self.seen = int(offset)
+        after = 0
+        while after < self.offset:
+            rows = read(after, 5000)
+            if not rows:
+                break
+            for seq, ev in rows:
+                if seq > self.offset:
+                    break
+                self._join(ev, rebuild=True)
+                after = seq
+            else:
+                continue
+            break
+        self.counts["restored"] += 1
+        return True
+
+    # -- consuming ---------------------------------------------------------------------------------------------
+    def consume(self, rows: list[tuple[int, dict[str, Any]]]) -> None:
+        for seq, ev in rows:
+            if seq <= self.seen:
+                continue  # already read (at-least-once delivery from a retried read)
+            self._join(ev, rebuild=False)
+            self.seen = seq
+            self._uncommitted.append((seq, ev["event_id"]))
+            self.counts[ev["kind"]] += 1
+
+    def _score(self, ev: dict[str, Any]) -> float | None:
+        if ev["kind"] == "explicit":
+            return ev.get("value")
+        if ev["kind"] in ("retrial", "accepted") and self.settings.train_on_implicit:
+            return ev.get("value")
+        return None
+
+    def _join(self, ev: dict[str, Any], rebuild: bool) -> None:
+        kind, d = ev["kind"], ev.get("decision_id")
+        if kind == "decision":
+            if d not in self.resolved and ev.get("context") is not None and ev.get("cost_usd") is not None:
+                self.pending[d] = ev
+                if len(self.pending) > self.settings.max_pending:
+                    self.pending.pop(next(iter(self.pending)))
+                    self.counts["dropped_pending"] += 1
+            return
+        score = self._score(ev)
+        if score is None or d in self.resolved:
+            return
+        if not (isinstance(score, int | float) and math.isfinite(score) and 0 <= score <= 1):
+            self.counts["rejected_score"] += 1  # the buffer refuses these; never trust a stored value blindly
+            return
+        decision = self.pending.pop(d, None)
+        if decision is None:
+            return
+        self.resolved.add(d)
+        if not rebuild:
+            self.samples.append((decision, float(score), float(ev.get("received", ev.get("time", time.time())))))
+
+    # -- learning ----------------------------------------------------------------------------------------------
+    def ready(self, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        n = len(self.samples)
+        return n >= self.settings.batch_size or (n > 0 and now - self.samples[0][2] >= self.settings.max_wait_s)
+
+    def _batch(self) -> BanditBatch:
+        ds = [s[0] for s in self.samples]
+        arms = np.array([self.policy.models.index(d["model"]) for d in ds])
+        return BanditBatch(
+            contexts=np.asarray([d["context"] for d in ds], dtype=np.float32),
+            preferences=np.asarray([d["preference"] for d in ds], dtype=np.float32),
+            arms=arms,
+            propensities=np.asarray([d["propensity"] for d in ds], dtype=np.float64),
+            scores=np.asarray([s[1] for s in self.samples], dtype=np.float64),
+            costs=np.asarray([d["cost_usd"] for d in ds], dtype=np.float64),
+        )
+
+    def update(self) -> dict[str, float] | None:
+        """One policy update from the joined samples; a non-finite result is rolled back and counted."""
+        if not self.samples:
+            return None
+        known = [s for s in self.samples if s[0]["model"] in self.policy.models]
+        self.samples = known
+        before = self.policy.state_dict()
+        oldest = min(s[2] for s in self.samples)
+        batch = self._batch()
+        self.last_rewards = batch.rewards(self.policy.tau)
+        metrics = self.policy.update(batch)
+        n = len(self.samples)
+        self.samples = []
+        if not params_finite(self.policy.state_dict()) or not all(math.isfinite(v) for v in metrics.values()):
+            self.policy.load_state_dict(before)
+            self.counts["rejected_update"] += 1
+            return None
+        self.counts["samples"] += n
+        self.counts["updates"] += 1
+        self.version_feedback_time[self.policy.version] = oldest
+        self.last_update_time = time.time()
+        self.commit()
+        return metrics
+
+    def commit(self) -> None:
+        """Parameters, version, offset and the consumed event ids, in one transaction; then the .pt export."""
+        state = self.policy.state_dict()
+        blob = _dumps(state)
+        offset = self.seen
+        stats = repr(dict(self.counts))
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute(
+                "INSERT OR REPLACE INTO commit_state (id, version, offset, time, stats, state) VALUES (1, ?, ?, ?, ?, ?)",
+                (self.policy.version, offset, time.time(), stats, blob),
+            )
+            self.db.executemany("INSERT INTO consumed (event_id, seq) VALUES (?, ?)", [(e, s) for s, e in self._uncommitted])
+            self.db.execute("COMMIT")
+        except Exception:
+            self.db.execute("ROLLBACK")
+            raise
+        self._uncommitted = []
+        self.offset = offset
+        save_checkpoint(self.policy, self.export_path, extra={"offset": offset, "source": "learner"})
+
+    def consumed_ids(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT event_id FROM consumed ORDER BY seq")]
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.policy.state_dict()
+
+    def reset(self, fresh: Policy) -> None:
+        """Cold start: a fresh policy whose version continues past the current one (routers install it)."""
+        fresh.version = self.policy.version + 1
+        self.policy = fresh
+        self.samples = []
+        self.version_feedback_time[fresh.version] = time.time()
+        self.commit()
+
+
+def install(policy: Policy, state: Any) -> Policy:
+    """What a router runs on pushed weights: a new policy object built like its current one and loaded
+    from the blob, which must be the same policy, pool and shapes with finite values (else StateError and
+    the router keeps serving `policy`). Swapping the object means no decision sees half-loaded weights."""
+    from banditrouter.policies import make_policy
+
+    if not isinstance(state, dict) or not isinstance(state.get("params"), dict):
+        raise StateError("weights blob is not a policy state")
+    try:
+        finite = params_finite(state)
+    except (TypeError, ValueError) as e:
+        raise StateError(f"weights blob holds non-numeric parameters: {e}") from None
+    if not finite:
+        raise StateError("weights blob holds non-finite values")
+    fresh = make_policy(policy.name, policy.models, policy.context_dim, policy.tau, **policy._config())
+    fresh.load_state_dict(state)
+    return fresh

@@ -1,0 +1,163 @@
+"""The durable buffer and the learner's logic, without Ray: idempotent appends, feedback validation,
+retrial detection, the decision/outcome join, atomic commits and exactly-once effect across a restart."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from banditrouter.policies import make_policy
+from banditrouter.schemas import DecisionEvent, FeedbackEvent
+from learner.buffer import EventBuffer, FeedbackRefused, SQLiteEventLog
+from learner.core import Learner, LearnerSettings, install
+
+MODELS = ("cheap", "strong")
+
+
+def decision(i: int, rng, user: str | None = None, context=None, model: str | None = None) -> dict:
+    x = context if context is not None else rng.normal(size=8)
+    x = x / np.linalg.norm(x)
+    m = model or MODELS[i % 2]
+    return DecisionEvent(
+        decision_id=f"d{i}",
+        request_id=f"r{i}",
+        model=m,
+        arm=MODELS.index(m),
+        propensity=0.5,
+        policy="linucb",
+        policy_version=0,
+        preference=(0.7, 0.3),
+        context=[float(v) for v in x],
+        context_ref=None,
+        cost_usd=0.001 if m == "cheap" else 0.01,
+        latency_s=0.1,
+        pool_version="p",
+        user=user,
+    ).to_dict()
+
+
+def test_log_is_append_only_ordered_and_idempotent(tmp_path):
+    log = SQLiteEventLog(tmp_path / "events.sqlite")
+    a, b = FeedbackEvent("x", "explicit", 0.5).to_dict(), FeedbackEvent("y", "explicit", 1.0).to_dict()
+    assert log.append([a, b]) == 2
+    assert log.append([a]) == 0  # at-least-once delivery: a re-sent event is ignored
+    assert [e["event_id"] for _, e in log.read(0)] == [a["event_id"], b["event_id"]]
+    assert log.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    log.close()
+    assert SQLiteEventLog(tmp_path / "events.sqlite").last_seq() == 2  # durable
+
+
+def test_feedback_validation_refuses_and_counts(tmp_path, rng):
+    buf = EventBuffer(tmp_path / "e.sqlite")
+    buf.append_decisions([decision(0, rng)])
+    cases = [(float("nan"), 422, "not_finite"), (1.5, 422, "out_of_range"), (-0.1, 422, "out_of_range"), ("1", 422, "not_finite")]
+    for score, status, reason in cases:
+        with pytest.raises(FeedbackRefused) as e:
+            buf.add_feedback("d0", score)
+        assert (e.value.status, e.value.reason) == (status, reason)
+    with pytest.raises(FeedbackRefused) as e:
+        buf.add_feedback("nope", 0.5)
+    assert e.value.status == 404
+    assert buf.add_feedback("d0", 0.8)["status"] == "recorded"
+    assert buf.add_feedback("d0", 0.8)["status"] == "duplicate"  # idempotent
+    with pytest.raises(FeedbackRefused) as e:
+        buf.add_feedback("d0", 0.2)
+    assert e.value.status == 409
+    assert buf.stats()["refused"] == {"not_finite": 2, "out_of_range": 2, "unknown_decision": 1, "replay": 1, "conflict": 1}
+    assert [e["kind"] for _, e in buf.log.read(0)] == ["decision", "explicit"]  # nothing bad reached the log
+
+
+def test_retrial_and_acceptance(tmp_path, rng):
+    buf = EventBuffer(tmp_path / "e.sqlite", retrial_similarity=0.9, retrial_window_s=30)
+    x = rng.normal(size=8)
+    first = decision(0, rng, user="u", context=x)
+    buf.append_decisions([first])
+    again = decision(1, rng, user="u", context=x + 0.01 * rng.normal(size=8))  # same question, reworded
+    buf.append_decisions([again])
+    other = decision(2, rng, user="v", context=x)  # another user: not a retrial of u's
+    buf.append_decisions([other])
+    kinds = [(e["kind"], e["decision_id"]) for _, e in buf.log.read(0)]
+    assert ("retrial", "d0") in kinds and ("retrial", "d1") not in kinds
+    assert buf.sweep(now=first["time"] + 10) == 0
+    assert buf.sweep(now=first["time"] + 31) == 2  # d1 and d2 had no retrial within T
+    accepted = {e["decision_id"] for _, e in buf.log.read(0) if e["kind"] == "accepted"}
+    assert accepted == {"d1", "d2"}
+
+
+def _learner(tmp_path, batch_size=4):
+    pol = make_policy("linucb", MODELS, 8, tau=0.01)
+    return Learner(pol, tmp_path / "learner", LearnerSettings(batch_size=batch_size, max_wait_s=60))
+
+
+def _feed(buf, rng, n, start=0):
+    for i in range(start, start + n):
+        buf.append_decisions([decision(i, rng)])
+        buf.add_feedback(f"d{i}", float(i % 3) / 2)
+
+
+def test_learner_joins_updates_and_commits_atomically(tmp_path, rng):
+    buf = EventBuffer(tmp_path / "e.sqlite")
+    _feed(buf, rng, 8)
+    ln = _learner(tmp_path)
+    ln.consume(buf.log.read(0))
+    assert len(ln.samples) == 8 and ln.ready()
+    v0 = ln.policy.version
+    ln.update()
+    assert ln.policy.version == v0 + 1 and ln.offset == buf.log.last_seq()
+    assert set(ln.consumed_ids()) == set(buf.log.event_ids())
+    assert ln.export_path.exists()
+
+
+def test_restart_counts_every_event_once(tmp_path, rng):
+    """Crash after reading events the learner had not committed: after restart, the parameters equal those
+    of a learner that never crashed, and the consumed ids equal the emitted ids, each once."""
+    buf = EventBuffer(tmp_path / "e.sqlite")
+    _feed(buf, rng, 8)
+    a = _learner(tmp_path / "a")
+    a.consume(buf.log.read(0))
+    a.update()
+    _feed(buf, rng, 6, start=8)
+    a.consume(buf.log.read(a.seen))  # read but not committed ...
+    del a  # ... crash
+
+    b = _learner(tmp_path / "a")
+    assert b.restore(lambda after, limit: buf.log.read(after, limit))
+    b.consume(buf.log.read(b.seen))
+    b.update()
+
+    ref = _learner(tmp_path / "ref", batch_size=4)
+    ref.consume(buf.log.read(0, 2 * 8 + 1 - 1))  # first 8 decisions + 8 feedbacks
+    ref.update()
+    ref.consume(buf.log.read(ref.seen))
+    ref.update()
+    assert b.policy.version == ref.policy.version
+    for k, v in ref.policy.state_dict()["params"].items():
+        np.testing.assert_allclose(b.policy.state_dict()["params"][k], v)
+    ids = b.consumed_ids()
+    assert len(ids) == len(set(ids)) and set(ids) == set(buf.log.event_ids())
+
+
+def test_non_finite_update_is_rolled_back(tmp_path, rng):
+    buf = EventBuffer(tmp_path / "e.sqlite")
+    _feed(buf, rng, 4)
+    ln = _learner(tmp_path)
+    ln.consume(buf.log.read(0))
+    ln.samples[0][0]["context"] = [float("inf")] * 8  # a poisoned context slipped past the router
+    before = ln.policy.state_dict()
+    assert ln.update() is None and ln.counts["rejected_update"] == 1
+    after = ln.policy.state_dict()
+    assert ln.policy.version == before["version"]
+    assert all(np.isfinite(v).all() for v in after["params"].values())
+
+
+def test_install_refuses_bad_blobs():
+    pol = make_policy("linucb", MODELS, 8, tau=0.01)
+    good = pol.state_dict()
+    bad_nan = {**good, "params": {k: np.full_like(v, math.nan) for k, v in good["params"].items()}}
+    bad_shape = {**good, "params": {k: np.zeros((3, 3)) for k in good["params"]}}
+    for blob in (bad_nan, bad_shape, {"junk": 1}, b"\x00corrupt"):
+        with pytest.raises(Exception, match="non-finite|shape|not a policy state"):
+            install(pol, blob)
+    assert install(pol, good).version == pol.version
