@@ -1,11 +1,13 @@
 # Two commands do everything on a fresh machine (see README):
-#   make run    set up .venv, then the main job (offline evaluation on the embedded RouterBench default)
+#   make run    set up .venv, pretrain BaRP if checkpoints/barp.pt is missing, serve the embedded default
+#               (OpenAI-compatible, http://127.0.0.1:8000/v1; Ctrl-C stops it)
 #   make test   set up .venv, then the test suite
+# and: make eval (offline evaluation of every policy on RouterBench), make bench, make lint
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint clean
+.PHONY: setup run eval bench test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +19,13 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
+	$(VENV)/bin/banditrouter serve --config configs/local.yaml
+
+eval: $(STAMP)
 	$(VENV)/bin/banditrouter eval --dataset routerbench --split test --seed 0 --out reports/routerbench/
+
+bench: $(STAMP)
+	$(VENV)/bin/banditrouter bench --config configs/local.yaml --requests 2000 --concurrency 16 --out reports/bench.json
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests -q
@@ -27,4 +35,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check banditrouter envs learner deployments tests scripts
 
 clean:
-	rm -rf $(VENV) reports checkpoints
+	rm -rf $(VENV) reports checkpoints state

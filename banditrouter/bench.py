@@ -117,7 +117,8 @@ def routed(cfg: AppConfig, prompts: list[str], requests: int, concurrency: int, 
         m.model_copy(update={"replay": m.replay.model_copy(update={"simulate_latency": False})}) if m.replay else m
         for m in cfg.models
     ]
-    cfg = cfg.model_copy(update={"models": models})
+    # the chain is measured against the raw model: no embedding cache on the routed path either
+    cfg = cfg.model_copy(update={"models": models, "embedder": cfg.embedder.model_copy(update={"cache": False})})
     init_local_ray(log_to_driver=False)
     try:
         serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})

@@ -59,6 +59,9 @@ class EmbedderConfig(_Strict):
     num_threads: int | None = Field(None, ge=1, description="torch threads per replica (default: its CPUs).")
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1}, description="Per replica.")
     max_ongoing_requests: int = Field(256, ge=1, description="Serve max_ongoing_requests per replica.")
+    cache: bool = Field(
+        False, description="Read and fill the on-disk embedding cache (BANDITROUTER_CACHE_DIR): repeated prompts skip the model."
+    )
 
 
 class RouterConfig(_Strict):

@@ -185,7 +185,7 @@ def run_simulation(
     cold_start: bool = False,
     seed: int = 0,
     sampler: str = "uniform",
-    n_users: int = 50,
+    n_users: int = 1000,
     retry_steepness: float = 6.0,
     data_dir=None,
     progress: bool = True,
@@ -212,6 +212,7 @@ def run_simulation(
         if stats["learner"]["seen"] >= stats["buffer"]["last_seq"] and stats["learner"]["waiting_samples"] == 0:
             break
         time.sleep(0.2)
+    stats["learner"] = _get(url, "/v1/learner/flush", "POST")  # final commit + checkpoint export
     firsts = [o for o in outcomes if not o.retrial]
     result = {
         "url": url,

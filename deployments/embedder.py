@@ -20,7 +20,8 @@ class EmbedderDeployment:
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         threads = cfg.num_threads or max(1, int(cfg.ray_actor_options.get("num_cpus", 1) or 1))
         torch.set_num_threads(threads)
-        self.embedder = Embedder(device=device, batch_size=cfg.batch_size, cache=False)
+        self.embedder = Embedder(device=device, batch_size=cfg.batch_size, cache=cfg.cache)
+        self._encode = self.embedder.embed if cfg.cache else self.embedder.encode
         self.embedder.encode(["warm up"])  # load the model before the first request
         self.embed_batch.set_max_batch_size(cfg.batch_size)
         self.embed_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
@@ -28,7 +29,7 @@ class EmbedderDeployment:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def embed_batch(self, texts: list[str]) -> list[np.ndarray]:
         # off the event loop, so the next batch can form while this one runs
-        vecs = await asyncio.to_thread(self.embedder.encode, texts)
+        vecs = await asyncio.to_thread(self._encode, texts)
         return list(vecs)
 
     async def __call__(self, text: str) -> np.ndarray:

@@ -327,6 +327,15 @@ class Ingress:
             return _error(_request_id(request), e)
         return {"installs": await self.learner.installs_log.remote()}
 
+    @app.post("/v1/learner/flush")
+    async def learner_flush(self, request: Request):
+        """Consume the whole log now, update, commit and export the checkpoint (end of a run)."""
+        try:
+            self._learning()
+        except ApiError as e:
+            return _error(_request_id(request), e)
+        return await self.learner.flush.remote()
+
     @app.post("/v1/learner/reset")
     async def learner_reset(self, request: Request):
         """Cold start: the learner replaces the policy with an untrained one; routers install it."""

@@ -121,27 +121,38 @@ class Router:
         return {"installed": True, "version": self.policy.version}
 
     async def _sync_weights(self) -> None:
+        known = -1  # first ask: whatever the learner serves now (a restarted replica catches up at once)
         while True:
             try:
-                got = await self.learner.wait_for_weights.remote(self.policy.version, 10.0)
-                if got is not None:
-                    self.load_weights(*got)
+                got = await self.learner.wait_for_weights.remote(known, 0.0 if known == -1 else 10.0)
+                if got is not None:  # built off the event loop (LinUCB's matrices take ~0.1 s); swapped atomically
+                    await asyncio.to_thread(self.load_weights, *got)
+                    known = got[0]  # refused or not, wait for the next one
+                self._synced.set()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # learner restarting: keep serving, ask again
                 self.weights["last_error"] = f"learner unreachable: {e}"
+                self._synced.set()
                 await asyncio.sleep(0.5)
 
+    def _start_sync(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.learner is not None and (
+            self._sync_task is None or self._sync_task.done() or self._sync_task.get_loop() is not loop
+        ):
+            self._synced = asyncio.Event()
+            self._sync_task = loop.create_task(self._sync_weights())
+
     async def _ensure_sync(self) -> None:
-        if self.learner is None or self._sync_task is not None:
+        if self.learner is None:
             return
-        self._sync_task = asyncio.get_running_loop().create_task(self._sync_weights())
-        try:  # the first request of a (re)started replica waits for the learner's current weights
-            got = await asyncio.wait_for(self.learner.wait_for_weights.remote(-1, 0.0), timeout=10)
-            if got is not None:
-                self.load_weights(*got)
-        except Exception as e:
-            self.weights["last_error"] = f"learner unreachable: {e}"
+        self._start_sync()
+        if not self._synced.is_set():  # the first requests of a (re)started replica wait for current weights
+            try:
+                await asyncio.wait_for(self._synced.wait(), timeout=10)
+            except asyncio.TimeoutError:
+                pass
 
     def _decide(self, x: np.ndarray, pref: tuple[float, float]):
         d = self.policy.select(x[None, :], np.asarray([pref]), explore=self.cfg.policy.explore)
@@ -214,6 +225,11 @@ class Router:
                     result = item
                 yield item
         await self._emit(req, decision_id, model, d, x, result)
+
+    async def check_health(self) -> None:
+        """Serve calls this every few seconds from the replica's loop: it also starts the weight sync, so an
+        idle replica follows the learner before its first request."""
+        self._start_sync()
 
     def info(self) -> dict:
         return {

@@ -150,12 +150,13 @@ class LearnerActor:
     # -- routers ----------------------------------------------------------------------------------------------
     async def wait_for_weights(self, known_version: int, timeout_s: float = 10.0) -> tuple[int, dict[str, Any]] | None:
         end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
+        while True:
             version, state = self.published
             if version != known_version:
                 return version, state
+            if time.monotonic() >= end:
+                return None
             await asyncio.sleep(0.02)
-        return None
 
     def report_install(self, replica: str, version: int, installed_at: float) -> None:
         caused = self.core.version_feedback_time.get(version)
@@ -208,8 +209,7 @@ class LearnerActor:
             if self.core.samples:
                 if self.core.update() is not None:
                     self.published = self._publish()
-            if self.core._uncommitted:
-                self.core.commit()
+            self.core.commit(export=True)
         return self.stats()
 
 

@@ -11,8 +11,8 @@ and they were not in the parameters it reloaded. So every event is counted once 
 
 from __future__ import annotations
 
-import io
 import math
+import pickle
 import sqlite3
 import time
 from collections import Counter
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from banditrouter.policies import save_checkpoint
 from banditrouter.policies.base import BanditBatch, Policy, StateError
@@ -36,16 +35,18 @@ class LearnerSettings:
     """Learn from retrial (score 0) / accepted (score 1) when no explicit score came."""
     max_pending: int = 100_000
     """Decisions waiting for an outcome; the oldest are dropped beyond this."""
+    export_every_s: float = 2.0
+    """How often the .pt export (for `banditrouter eval --checkpoint`) is rewritten; commits are every update."""
 
 
 def _dumps(state: dict[str, Any]) -> bytes:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
+    # pickle protocol 5 writes numpy buffers as they are: ~20x faster than torch.save for LinUCB's
+    # 11 x 387 x 387 matrices. The blob is the learner's own, in its own state folder.
+    return pickle.dumps(state, protocol=5)
 
 
 def _loads(blob: bytes) -> dict[str, Any]:
-    return torch.load(io.BytesIO(blob), weights_only=False)
+    return pickle.loads(blob)
 
 
 def params_finite(state: dict[str, Any]) -> bool:
@@ -72,6 +73,7 @@ class Learner:
         self.counts: Counter[str] = Counter()
         self.last_update_time = time.time()
         self.last_rewards: np.ndarray = np.zeros(0)
+        self._last_export = 0.0
         self.version_feedback_time: dict[int, float] = {}
         """version -> when the oldest feedback in the update that made it was received (staleness)."""
 
@@ -181,7 +183,7 @@ class Learner:
         self.commit()
         return metrics
 
-    def commit(self) -> None:
+    def commit(self, export: bool = False) -> None:
         """Parameters, version, offset and the consumed event ids, in one transaction; then the .pt export."""
         state = self.policy.state_dict()
         blob = _dumps(state)
@@ -200,7 +202,9 @@ class Learner:
             raise
         self._uncommitted = []
         self.offset = offset
-        save_checkpoint(self.policy, self.export_path, extra={"offset": offset, "source": "learner"})
+        if export or time.time() - self._last_export >= self.settings.export_every_s:
+            save_checkpoint(self.policy, self.export_path, extra={"offset": offset, "source": "learner"})
+            self._last_export = time.time()
 
     def consumed_ids(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT event_id FROM consumed ORDER BY seq")]
