@@ -50,6 +50,7 @@ def online(ray_local, tmp_path_factory, prompts):
     serve.run(build_app(cfg), name=APP, route_prefix="/")
     yield cfg
     serve.delete(APP)
+    serve.shutdown()  # the next module starts Serve on its own port
     kill_actors()
 
 
