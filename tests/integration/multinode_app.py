@@ -47,9 +47,12 @@ def main(port: int, workdir: Path) -> None:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "location": "HeadOnly"})
         serve.run(build_app(cfg), name="banditrouter", route_prefix="/")
+        from banditrouter.data import load_dataset
+
+        logged = load_dataset("routerbench", "test").prompts[:12]  # replay answers logged prompts exactly
         codes = []
         for i in range(12):
-            body = {"model": "router", "messages": [{"role": "user", "content": f"What is {i} + {i}?"}]}
+            body = {"model": "router", "messages": [{"role": "user", "content": logged[i]}]}
             codes.append(requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60).status_code)
         replicas = [
             {"deployment": a.class_name.split(":", 2)[-1], "node": a.node_id}  # ServeReplica:app:deployment

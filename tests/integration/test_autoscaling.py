@@ -35,6 +35,7 @@ def test_model_deployment_scales_up_under_load_and_back(ray_local, tmp_path, dat
     from ray import serve
 
     from banditrouter.config import load_config
+    from banditrouter.data import load_dataset
     from banditrouter.policies import save_checkpoint
     from banditrouter.policies.static import RandomPolicy
     from deployments.app import build_app
@@ -70,9 +71,10 @@ def test_model_deployment_scales_up_under_load_and_back(ray_local, tmp_path, dat
         assert _running(dep) == 1
 
         stop, codes = threading.Event(), []
+        logged = load_dataset("routerbench", "test").prompts[0]  # a logged prompt: replay answers it exactly
 
         def client():
-            body = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+            body = {"model": MODEL, "messages": [{"role": "user", "content": logged}]}
             while not stop.is_set():
                 codes.append(requests.post(f"http://127.0.0.1:{PORT}/v1/chat/completions", json=body, timeout=60).status_code)
 
