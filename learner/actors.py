@@ -76,7 +76,12 @@ class LearnerActor:
         self.core = Learner(
             policy,
             lc.state_dir,
-            LearnerSettings(batch_size=lc.batch_size, max_wait_s=lc.max_wait_s, train_on_implicit=lc.train_on_implicit),
+            LearnerSettings(
+                batch_size=lc.batch_size,
+                max_wait_s=lc.max_wait_s,
+                train_on_implicit=lc.train_on_implicit,
+                replay_steps=lc.replay_steps,
+            ),
         )
         self.lock = threading.Lock()
         from banditrouter.metrics import LearnerMetrics
@@ -138,8 +143,11 @@ class LearnerActor:
         with self.lock:
             self.core.consume(rows)
             if self.core.ready():
-                if self.core.update() is not None:
+                if self.core.update(commit=False) is not None:
+                    # publish, then commit: routers do not wait for the disk. A crash in between re-derives
+                    # the same events' update after restart (the commit has not moved the offset).
                     self.published = self._publish()
+                    self.core.commit()
                     self.metrics.version.set(self.core.policy.version)
                     self.metrics.reward.set(float(np.mean(self.core.last_rewards)))
                     self.metrics.samples.inc(float(len(self.core.last_rewards)))

@@ -35,6 +35,11 @@ class LearnerSettings:
     """Learn from retrial (score 0) / accepted (score 1) when no explicit score came."""
     max_pending: int = 100_000
     """Decisions waiting for an outcome; the oldest are dropped beyond this."""
+    replay_steps: int = 0
+    """Gradient policies (BaRP) only: extra off-policy steps per update on minibatches drawn from past samples
+    (importance-weighted by their logged propensities). Count-based policies (LinUCB, LinTS) must see each
+    sample once, so they ignore it."""
+    replay_capacity: int = 20_000
     export_every_s: float = 2.0
     """How often the .pt export (for `banditrouter eval --checkpoint`) is rewritten; commits are every update."""
 
@@ -70,6 +75,8 @@ class Learner:
         self.pending: dict[str, dict[str, Any]] = {}
         self.resolved: set[str] = set()
         self.samples: list[tuple[dict[str, Any], float, float]] = []  # (decision, score, feedback received time)
+        self.replay: list[tuple[dict[str, Any], float, float]] = []
+        self.replay_rng = np.random.default_rng(0)
         self.counts: Counter[str] = Counter()
         self.last_update_time = time.time()
         self.last_rewards: np.ndarray = np.zeros(0)
@@ -138,8 +145,11 @@ class Learner:
         if decision is None:
             return
         self.resolved.add(d)
-        if not rebuild:
-            self.samples.append((decision, float(score), float(ev.get("received", ev.get("time", time.time())))))
+        sample = (decision, float(score), float(ev.get("received", ev.get("time", time.time()))))
+        if rebuild:  # already in the committed parameters; kept only for replay steps
+            self.replay = (self.replay + [sample])[-self.settings.replay_capacity :]
+        else:
+            self.samples.append(sample)
 
     # -- learning ----------------------------------------------------------------------------------------------
     def ready(self, now: float | None = None) -> bool:
@@ -147,20 +157,29 @@ class Learner:
         n = len(self.samples)
         return n >= self.settings.batch_size or (n > 0 and now - self.samples[0][2] >= self.settings.max_wait_s)
 
-    def _batch(self) -> BanditBatch:
-        ds = [s[0] for s in self.samples]
+    def _batch(self, samples=None) -> BanditBatch:
+        samples = self.samples if samples is None else samples
+        ds = [s[0] for s in samples]
         arms = np.array([self.policy.models.index(d["model"]) for d in ds])
         return BanditBatch(
             contexts=np.asarray([d["context"] for d in ds], dtype=np.float32),
             preferences=np.asarray([d["preference"] for d in ds], dtype=np.float32),
             arms=arms,
             propensities=np.asarray([d["propensity"] for d in ds], dtype=np.float64),
-            scores=np.asarray([s[1] for s in self.samples], dtype=np.float64),
+            scores=np.asarray([s[1] for s in samples], dtype=np.float64),
             costs=np.asarray([d["cost_usd"] for d in ds], dtype=np.float64),
         )
 
-    def update(self) -> dict[str, float] | None:
-        """One policy update from the joined samples; a non-finite result is rolled back and counted."""
+    def _replay_steps(self) -> None:
+        if not self.settings.replay_steps or self.policy.name != "barp" or len(self.replay) < self.settings.batch_size:
+            return
+        for _ in range(self.settings.replay_steps):
+            idx = self.replay_rng.choice(len(self.replay), size=self.settings.batch_size, replace=False)
+            self.policy.update(self._batch([self.replay[i] for i in idx]))
+
+    def update(self, commit: bool = True) -> dict[str, float] | None:
+        """One policy update from the joined samples; a non-finite result is rolled back and counted.
+        `commit=False` leaves the commit to the caller (the actor publishes first, then commits)."""
         if not self.samples:
             return None
         known = [s for s in self.samples if s[0]["model"] in self.policy.models]
@@ -170,7 +189,9 @@ class Learner:
         batch = self._batch()
         self.last_rewards = batch.rewards(self.policy.tau)
         metrics = self.policy.update(batch)
+        self._replay_steps()
         n = len(self.samples)
+        self.replay = (self.replay + self.samples)[-self.settings.replay_capacity :]
         self.samples = []
         if not params_finite(self.policy.state_dict()) or not all(math.isfinite(v) for v in metrics.values()):
             self.policy.load_state_dict(before)
@@ -180,7 +201,8 @@ class Learner:
         self.counts["updates"] += 1
         self.version_feedback_time[self.policy.version] = oldest
         self.last_update_time = time.time()
-        self.commit()
+        if commit:
+            self.commit()
         return metrics
 
     def commit(self, export: bool = False) -> None:

@@ -161,3 +161,20 @@ def test_install_refuses_bad_blobs():
         with pytest.raises(Exception, match="non-finite|shape|not a policy state"):
             install(pol, blob)
     assert install(pol, good).version == pol.version
+
+
+def test_replay_steps_only_for_gradient_policies(tmp_path, rng):
+    """BaRP takes extra off-policy steps on past samples; LinUCB must count each sample once, so it ignores them."""
+    buf = EventBuffer(tmp_path / "e.sqlite")
+    _feed(buf, rng, 16)
+    for name in ("barp", "linucb"):
+        pol = make_policy(name, MODELS, 8, tau=0.01)
+        ln = Learner(pol, tmp_path / name, LearnerSettings(batch_size=4, max_wait_s=60, replay_steps=2))
+        rows = buf.log.read(0)
+        ln.consume(rows[:8])  # 4 samples
+        ln.update()
+        v = ln.policy.version
+        ln.consume(rows[8:16])  # 4 more, with 4 in the replay buffer
+        ln.update()
+        assert ln.policy.version - v == (3 if name == "barp" else 1)
+        assert len(ln.replay) == 8
