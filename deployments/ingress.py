@@ -120,7 +120,8 @@ class Ingress:
             self.buffer = get_or_create_buffer(cfg)
             self.learner = get_or_create_learner(cfg)
 
-    async def _parse(self, request: Request) -> ChatRequest:
+    async def _json_object(self, request: Request) -> dict:
+        """The body as a JSON object (NaN/Infinity kept as floats, for the validators to refuse), or a 400."""
         raw = await request.body()
         try:
             text = raw.decode("utf-8")
@@ -132,6 +133,10 @@ class Ingress:
             raise ApiError(400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object")
+        return data
+
+    async def _parse(self, request: Request) -> ChatRequest:
+        data = await self._json_object(request)
         try:
             body = ChatRequest.model_validate(data)
         except ValidationError as e:
@@ -271,21 +276,17 @@ class Ingress:
             "models": list(self.models),
         }
 
-    async def _json_object(self, request: Request) -> dict:
-        raw = await request.body()
-        try:
-            data = json.loads(raw.decode("utf-8"), parse_constant=lambda c: float("nan"))
-        except UnicodeDecodeError:
-            raise ApiError(400, "request body is not valid UTF-8") from None
-        except json.JSONDecodeError as e:
-            raise ApiError(400, f"request body is not valid JSON: {e.msg}") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        return data
-
     def _learning(self):
         if self.buffer is None:
             raise ApiError(404, "online learning is off in this deployment (learning.enabled: false)", code="learning_disabled")
+
+    async def _if_learning(self, request: Request, call):
+        """`await call()` when learning is on; the 404 JSON error otherwise."""
+        try:
+            self._learning()
+        except ApiError as e:
+            return _error(_request_id(request), e)
+        return await call()
 
     @app.post("/v1/feedback")
     async def feedback(self, request: Request):
@@ -311,39 +312,33 @@ class Ingress:
 
     @app.get("/v1/learner/stats")
     async def learner_stats(self, request: Request):
-        try:
-            self._learning()
-        except ApiError as e:
-            return _error(_request_id(request), e)
-        learner, buffer = await self.learner.stats.remote(), await self.buffer.stats.remote()
-        return {"learner": learner, "buffer": buffer}
+        async def both():
+            return {"learner": await self.learner.stats.remote(), "buffer": await self.buffer.stats.remote()}
+
+        return await self._if_learning(request, both)
 
     @app.get("/v1/learner/installs")
     async def learner_installs(self, request: Request):
         """When each router replica installed each version, and the staleness of that install."""
-        try:
-            self._learning()
-        except ApiError as e:
-            return _error(_request_id(request), e)
-        return {"installs": await self.learner.installs_log.remote()}
+
+        async def installs():
+            return {"installs": await self.learner.installs_log.remote()}
+
+        return await self._if_learning(request, installs)
 
     @app.post("/v1/learner/flush")
     async def learner_flush(self, request: Request):
         """Consume the whole log now, update, commit and export the checkpoint (end of a run)."""
-        try:
-            self._learning()
-        except ApiError as e:
-            return _error(_request_id(request), e)
-        return await self.learner.flush.remote()
+        return await self._if_learning(request, lambda: self.learner.flush.remote())
 
     @app.post("/v1/learner/reset")
     async def learner_reset(self, request: Request):
         """Cold start: the learner replaces the policy with an untrained one; routers install it."""
-        try:
-            self._learning()
-        except ApiError as e:
-            return _error(_request_id(request), e)
-        return {"version": await self.learner.reset.remote()}
+
+        async def reset():
+            return {"version": await self.learner.reset.remote()}
+
+        return await self._if_learning(request, reset)
 
     @app.get("/v1/routing/events")
     async def events(self, n: int = 100):

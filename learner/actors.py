@@ -91,8 +91,6 @@ class LearnerActor:
         self.core.restore(lambda after, limit: ray.get(self.buffer.read.remote(after, limit)))
         self.published = self._publish()
         self.installs: list[dict[str, Any]] = []
-        self.started = time.time()
-        self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="learner", daemon=True)
         self.thread.start()
 
@@ -103,7 +101,7 @@ class LearnerActor:
         return make_policy(policy.name, policy.models, policy.context_dim, policy.tau, seed=0, **policy._config())
 
     def _publish(self) -> tuple[int, dict[str, Any]]:
-        return (self.core.policy.version, self.core.snapshot())
+        return (self.core.policy.version, self.core.policy.state_dict())
 
     def _observe(self, rows) -> None:
         for _, ev in rows:
@@ -123,7 +121,7 @@ class LearnerActor:
 
     def _loop(self) -> None:
         interval = self.cfg.learning.poll_interval_s
-        while not self._stop.is_set():
+        while True:
             try:
                 rows = ray.get(self.buffer.read.remote(self.core.seen, 2000))
             except Exception:  # the buffer is restarting; try again

@@ -165,9 +165,7 @@ class EventBuffer:
                 self.refused["replay"] += 1
                 return {"status": "duplicate", "decision_id": decision_id}
             self._refuse(409, "conflict", f"decision {decision_id!r} already has score {earlier[0]}; scores are final")
-        ev = FeedbackEvent(decision_id, "explicit", float(score))
-        if event_id:
-            ev = FeedbackEvent(decision_id, "explicit", float(score), event_id=event_id)
+        ev = FeedbackEvent(decision_id, "explicit", float(score), **({"event_id": event_id} if event_id else {}))
         self._append_outcome(ev.to_dict())
         return {"status": "recorded", "decision_id": decision_id, "event_id": ev.event_id}
 

@@ -78,7 +78,6 @@ class Learner:
         self.replay: list[tuple[dict[str, Any], float, float]] = []
         self.replay_rng = np.random.default_rng(0)
         self.counts: Counter[str] = Counter()
-        self.last_update_time = time.time()
         self.last_rewards: np.ndarray = np.zeros(0)
         self._last_export = 0.0
         self.version_feedback_time: dict[int, float] = {}
@@ -95,17 +94,12 @@ class Learner:
         self.offset = self.seen = int(offset)
         after = 0
         while after < self.offset:
-            rows = read(after, 5000)
+            rows = [(seq, ev) for seq, ev in read(after, 5000) if seq <= self.offset]
             if not rows:
                 break
-            for seq, ev in rows:
-                if seq > self.offset:
-                    break
+            for _, ev in rows:
                 self._join(ev, rebuild=True)
-                after = seq
-            else:
-                continue
-            break
+            after = rows[-1][0]
         self.counts["restored"] += 1
         return True
 
@@ -200,7 +194,6 @@ class Learner:
         self.counts["samples"] += n
         self.counts["updates"] += 1
         self.version_feedback_time[self.policy.version] = oldest
-        self.last_update_time = time.time()
         if commit:
             self.commit()
         return metrics
@@ -230,9 +223,6 @@ class Learner:
 
     def consumed_ids(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT event_id FROM consumed ORDER BY seq")]
-
-    def snapshot(self) -> dict[str, Any]:
-        return self.policy.state_dict()
 
     def reset(self, fresh: Policy) -> None:
         """Cold start: a fresh policy whose version continues past the current one (routers install it)."""

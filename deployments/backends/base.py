@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -25,6 +26,10 @@ class CompletionRequest:
     context: list[float] | None = None
     """The prompt's embedding, when the router already computed it."""
 
+    def sampling(self) -> dict[str, Any]:
+        """The OpenAI sampling fields the caller set (max_tokens, temperature), for an upstream request."""
+        return {k: v for k, v in (("max_tokens", self.max_tokens), ("temperature", self.temperature)) if v is not None}
+
 
 @dataclass(frozen=True)
 class CompletionResult:
@@ -35,6 +40,19 @@ class CompletionResult:
     latency_s: float
     info: dict[str, Any] = field(default_factory=dict)
     """Backend specifics surfaced to the caller, e.g. replay's {"match": "exact" | "nearest"}."""
+
+
+def priced_result(text: str, n_in: int, n_out: int, prices: tuple[float, float], t0: float, backend: str) -> CompletionResult:
+    """The result of a token-priced backend: cost = tokens x USD per million tokens (input, output);
+    latency from `t0` (a `time.perf_counter()` reading taken when the call started)."""
+    return CompletionResult(
+        text=text,
+        cost_usd=(n_in * prices[0] + n_out * prices[1]) / 1e6,
+        input_tokens=n_in,
+        output_tokens=n_out,
+        latency_s=time.perf_counter() - t0,
+        info={"backend": backend},
+    )
 
 
 class BackendError(RuntimeError):

@@ -11,7 +11,7 @@ import os
 import time
 
 from banditrouter.config import OpenAIBackendConfig
-from deployments.backends.base import BackendError, CompletionRequest, CompletionResult
+from deployments.backends.base import BackendError, CompletionRequest, CompletionResult, priced_result
 
 
 class OpenAIBackend:
@@ -27,10 +27,9 @@ class OpenAIBackend:
         self.client = AsyncOpenAI(base_url=cfg.base_url, api_key=key or "EMPTY", timeout=cfg.timeout_s, max_retries=0)
         self._healthy = True
 
-    def _cost(self, usage) -> tuple[float, int, int]:
-        n_in = getattr(usage, "prompt_tokens", 0) or 0
-        n_out = getattr(usage, "completion_tokens", 0) or 0
-        return (n_in * self.prices[0] + n_out * self.prices[1]) / 1e6, n_in, n_out
+    @staticmethod
+    def _tokens(usage) -> tuple[int, int]:
+        return getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0
 
     async def _with_retries(self, call):
         import openai
@@ -51,25 +50,12 @@ class OpenAIBackend:
                 raise BackendError(f"upstream {self.cfg.base_url} refused the request ({e.status_code}): {e.message}") from None
 
     def _kwargs(self, request: CompletionRequest) -> dict:
-        kw = {"model": self.upstream_model, "messages": request.messages}
-        if request.max_tokens is not None:
-            kw["max_tokens"] = request.max_tokens
-        if request.temperature is not None:
-            kw["temperature"] = request.temperature
-        return kw
+        return {"model": self.upstream_model, "messages": request.messages, **request.sampling()}
 
     async def complete(self, request: CompletionRequest) -> CompletionResult:
         t0 = time.perf_counter()
         resp = await self._with_retries(lambda: self.client.chat.completions.create(**self._kwargs(request)))
-        cost, n_in, n_out = self._cost(resp.usage)
-        return CompletionResult(
-            text=resp.choices[0].message.content or "",
-            cost_usd=cost,
-            input_tokens=n_in,
-            output_tokens=n_out,
-            latency_s=time.perf_counter() - t0,
-            info={"backend": "openai"},
-        )
+        return priced_result(resp.choices[0].message.content or "", *self._tokens(resp.usage), self.prices, t0, "openai")
 
     async def stream(self, request: CompletionRequest):
         t0 = time.perf_counter()
@@ -85,15 +71,7 @@ class OpenAIBackend:
             if chunk.choices and chunk.choices[0].delta.content:
                 parts.append(chunk.choices[0].delta.content)
                 yield chunk.choices[0].delta.content
-        cost, n_in, n_out = self._cost(usage)
-        yield CompletionResult(
-            text="".join(parts),
-            cost_usd=cost,
-            input_tokens=n_in,
-            output_tokens=n_out,
-            latency_s=time.perf_counter() - t0,
-            info={"backend": "openai"},
-        )
+        yield priced_result("".join(parts), *self._tokens(usage), self.prices, t0, "openai")
 
     def check_health(self) -> None:
         if not self._healthy:

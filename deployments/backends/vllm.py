@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from banditrouter.config import ModelConfig
-from deployments.backends.base import BackendError, CompletionRequest, CompletionResult
+from deployments.backends.base import BackendError, CompletionRequest, CompletionResult, priced_result
 
 
 def llm_config(cfg: ModelConfig):
@@ -62,14 +62,7 @@ class VLLMBackend:
         kw: dict[str, Any] = {"model": self.name, "messages": request.messages, "stream": stream}
         if stream:
             kw["stream_options"] = {"include_usage": True}
-        if request.max_tokens is not None:
-            kw["max_tokens"] = request.max_tokens
-        if request.temperature is not None:
-            kw["temperature"] = request.temperature
-        return ChatCompletionRequest(**kw)
-
-    def _cost(self, n_in: int, n_out: int) -> float:
-        return (n_in * self.prices[0] + n_out * self.prices[1]) / 1e6
+        return ChatCompletionRequest(**kw, **request.sampling())
 
     def _check(self, item) -> None:
         if type(item).__name__ == "ErrorResponse":
@@ -86,15 +79,8 @@ class VLLMBackend:
             raise BackendError(f"vLLM model {self.name!r} returned nothing")
         self._healthy = True
         usage = resp.usage
-        n_in, n_out = usage.prompt_tokens or 0, usage.completion_tokens or 0
-        return CompletionResult(
-            text=resp.choices[0].message.content or "",
-            cost_usd=self._cost(n_in, n_out),
-            input_tokens=n_in,
-            output_tokens=n_out,
-            latency_s=time.perf_counter() - t0,
-            info={"backend": "vllm"},
-        )
+        text = resp.choices[0].message.content or ""
+        return priced_result(text, usage.prompt_tokens or 0, usage.completion_tokens or 0, self.prices, t0, "vllm")
 
     async def stream(self, request: CompletionRequest):
         """LLMServer streams batches of SSE strings ('data: {json}\\n\\n'); we yield their text deltas."""
@@ -118,14 +104,7 @@ class VLLMBackend:
                             parts.append(text)
                             yield text
         self._healthy = True
-        yield CompletionResult(
-            text="".join(parts),
-            cost_usd=self._cost(n_in, n_out),
-            input_tokens=n_in,
-            output_tokens=n_out,
-            latency_s=time.perf_counter() - t0,
-            info={"backend": "vllm"},
-        )
+        yield priced_result("".join(parts), n_in, n_out, self.prices, t0, "vllm")
 
     def check_health(self) -> None:
         if not self._healthy:
