@@ -88,7 +88,10 @@ class LearningConfig(_Strict):
     train_on_implicit: bool = Field(False, description="Learn from retrials (score 0) and acceptances (score 1).")
     cold_start: bool = Field(False, description="Start the learner from an untrained policy (same pool and tau).")
     replay_steps: int = Field(
-        0, ge=0, le=32, description="BaRP only: extra off-policy gradient steps per update on past samples (0: none)."
+        4, ge=0, le=32, description="BaRP only: extra off-policy gradient steps per update on past samples (0: none)."
+    )
+    replay_relabel: bool = Field(
+        True, description="Replay steps score past samples under freshly drawn preferences (importance-weighted)."
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -69,7 +70,8 @@ class Router:
         from banditrouter.policies import load_checkpoint
 
         self.cfg = cfg
-        self.policy = load_checkpoint(cfg.policy.checkpoint)
+        # its own random stream per replica: exploring replicas must not draw the same arms in lockstep
+        self.policy = load_checkpoint(cfg.policy.checkpoint, seed=secrets.randbits(31))
         missing = [m for m in self.policy.models if m not in models]
         if missing:
             raise ValueError(f"policy {cfg.policy.checkpoint} routes to {missing}, which the pool does not serve")

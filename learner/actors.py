@@ -81,6 +81,7 @@ class LearnerActor:
                 max_wait_s=lc.max_wait_s,
                 train_on_implicit=lc.train_on_implicit,
                 replay_steps=lc.replay_steps,
+                replay_relabel=lc.replay_relabel,
             ),
         )
         self.lock = threading.Lock()

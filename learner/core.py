@@ -11,6 +11,7 @@ and they were not in the parameters it reloaded. So every event is counted once 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 import sqlite3
@@ -24,6 +25,7 @@ import numpy as np
 
 from banditrouter.policies import save_checkpoint
 from banditrouter.policies.base import BanditBatch, Policy, StateError
+from banditrouter.reward import sample_preferences
 
 
 @dataclass(frozen=True)
@@ -35,10 +37,17 @@ class LearnerSettings:
     """Learn from retrial (score 0) / accepted (score 1) when no explicit score came."""
     max_pending: int = 100_000
     """Decisions waiting for an outcome; the oldest are dropped beyond this."""
-    replay_steps: int = 0
-    """Gradient policies (BaRP) only: extra off-policy steps per update on minibatches drawn from past samples
-    (importance-weighted by their logged propensities). Count-based policies (LinUCB, LinTS) must see each
-    sample once, so they ignore it."""
+    replay_steps: int = 4
+    """Gradient policies (BaRP) only: extra off-policy steps per update on minibatches of `batch_size` drawn
+    from past samples (importance-weighted by their logged propensities). Count-based policies (LinUCB,
+    LinTS) must see each sample once, so they ignore it. 4 with `replay_relabel`: chosen with
+    scripts/emulate_online.py over seeds 0-7 (README, "Online learning")."""
+    replay_relabel: bool = True
+    """Replay steps score each past sample under a freshly drawn preference w' ~ U(simplex) instead of the one
+    it was served with. The reward r = w_q q - w_c c~ is a known function of w, so one observed (x, a, q, c)
+    teaches the policy about every trade-off; the importance ratio becomes pi(a | x, w') / mu(a | x, w), which
+    `BaRP.update` already computes from the batch's preferences and logged propensities. With 3,000 samples
+    this is what makes the live-learned policy preference-sensitive (README, "Online learning")."""
     replay_capacity: int = 20_000
     export_every_s: float = 2.0
     """How often the .pt export (for `banditrouter eval --checkpoint`) is rewritten; commits are every update."""
@@ -169,7 +178,11 @@ class Learner:
             return
         for _ in range(self.settings.replay_steps):
             idx = self.replay_rng.choice(len(self.replay), size=self.settings.batch_size, replace=False)
-            self.policy.update(self._batch([self.replay[i] for i in idx]))
+            batch = self._batch([self.replay[i] for i in idx])
+            if self.settings.replay_relabel:
+                w = sample_preferences(len(batch), self.replay_rng, "uniform").astype(np.float32)
+                batch = dataclasses.replace(batch, preferences=w)
+            self.policy.update(batch)
 
     def update(self, commit: bool = True) -> dict[str, float] | None:
         """One policy update from the joined samples; a non-finite result is rolled back and counted.
@@ -247,6 +260,7 @@ def install(policy: Policy, state: Any) -> Policy:
         raise StateError(f"weights blob holds non-numeric parameters: {e}") from None
     if not finite:
         raise StateError("weights blob holds non-finite values")
-    fresh = make_policy(policy.name, policy.models, policy.context_dim, policy.tau, **policy._config())
+    fresh = make_policy(policy.name, policy.models, policy.context_dim, policy.tau, seed=policy.seed, **policy._config())
     fresh.load_state_dict(state)
+    fresh.take_random_state(policy)
     return fresh

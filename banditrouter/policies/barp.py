@@ -139,6 +139,10 @@ class BaRP(Policy):
     # ====================================================================================================
     # state
     # ====================================================================================================
+    def take_random_state(self, other):
+        super().take_random_state(other)
+        self.generator = other.generator
+
     def _params(self):
         params = {k: v.detach().numpy().copy() for k, v in self.net.state_dict().items()}
         if self.averaged is not None:

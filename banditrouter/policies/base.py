@@ -116,6 +116,11 @@ class Policy(ABC):
     def n_arms(self) -> int:
         return len(self.models)
 
+    def take_random_state(self, other: Policy) -> None:
+        """Continue `other`'s random streams (a router installing new weights): re-seeding on every version
+        would replay the same exploration draws after each install."""
+        self.rng = other.rng
+
     # -- the contract -----------------------------------------------------------------------------------
     @abstractmethod
     def select(self, contexts: np.ndarray, preferences: np.ndarray, *, explore: bool = False) -> Decisions:

@@ -178,3 +178,43 @@ def test_replay_steps_only_for_gradient_policies(tmp_path, rng):
         ln.update()
         assert ln.policy.version - v == (3 if name == "barp" else 1)
         assert len(ln.replay) == 8
+
+
+def test_replay_relabels_preferences_and_keeps_outcomes(tmp_path, rng):
+    """Relabelled replay scores the logged (arm, propensity, score, cost) under fresh preferences; without
+    it, replayed samples keep the preference they were served with (every logged one is (0.7, 0.3))."""
+    buf = EventBuffer(tmp_path / "e.sqlite")
+    _feed(buf, rng, 16)
+    for relabel in (True, False):
+        pol = make_policy("barp", MODELS, 8, tau=0.01)
+        seen = []
+        real_update = pol.update
+        pol.update = lambda b, _u=real_update, _seen=seen: (_seen.append(b), _u(b))[1]
+        ln = Learner(
+            pol, tmp_path / f"r{relabel}", LearnerSettings(batch_size=4, max_wait_s=60, replay_steps=3, replay_relabel=relabel)
+        )
+        rows = buf.log.read(0)
+        ln.consume(rows[:8])
+        ln.update()
+        ln.consume(rows[8:16])
+        ln.update()
+        fresh, replayed = seen[1], seen[2:]
+        assert len(replayed) == 3 and np.allclose(fresh.preferences, [0.7, 0.3])
+        for b in replayed:
+            assert np.allclose(b.preferences.sum(axis=1), 1.0) and (b.preferences >= 0).all()
+            assert np.allclose(b.propensities, 0.5) and set(b.arms) <= {0, 1}
+            assert np.allclose(b.preferences, [0.7, 0.3]) != relabel
+
+
+@pytest.mark.parametrize("name", ["barp", "lints"])
+def test_install_continues_the_routers_random_stream(name, rng):
+    """Installing a version must not re-seed exploration: a router that did would replay the same draws
+    after every install (and two replicas would draw in lockstep)."""
+    pol = make_policy(name, ("a", "b", "c", "d", "e"), 8, tau=0.01, seed=7)
+    x = rng.normal(size=(64, 8)).astype(np.float32)
+    w = np.tile([0.5, 0.5], (64, 1))
+    state = pol.state_dict()
+    first = install(pol, state)
+    a = first.select(x, w, explore=True).arms
+    b = install(first, state).select(x, w, explore=True).arms  # same weights, the stream goes on
+    assert not np.array_equal(a, b)
