@@ -158,11 +158,17 @@ def plot(result: dict, path: Path) -> None:
     ws = result["windows"]
     x = [w["requests"][1] for w in ws]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    axes[0].plot(x, [w["mean_reward"] for w in ws], marker="o", ms=3)
+    r = np.array([w["mean_reward"] for w in ws], dtype=float)
+    axes[0].plot(x, r, marker="o", ms=3, alpha=0.45, label="per 100 requests")
+    k = min(5, len(r))  # each window draws its own preferences: the rolling mean shows the trend
+    if k > 1:
+        axes[0].plot(
+            x[k - 1 :], np.convolve(r, np.ones(k) / k, mode="valid"), lw=2.2, color="tab:blue", label=f"mean of last {k * 100}"
+        )
     if result.get("reference_reward") is not None:
         axes[0].axhline(result["reference_reward"], color="grey", ls="--", label="offline reference")
-        axes[0].legend()
-    axes[0].set(title="mean reward per 100 requests", xlabel="requests", ylabel="w_q q - w_c c~")
+    axes[0].legend()
+    axes[0].set(title="mean reward while serving (exploring)", xlabel="requests", ylabel="w_q q - w_c c~")
     axes[1].plot(x, [w["accuracy"] for w in ws], marker="o", ms=3, color="tab:green")
     axes[1].set(title="accuracy (logged score of the chosen model)", xlabel="requests")
     axes[2].plot(x, [w["mean_cost"] for w in ws], marker="o", ms=3, color="tab:red")
