@@ -64,14 +64,14 @@ class LearnerActor:
     """Async actor: `wait_for_weights` long-polls run concurrently; learning runs in a thread."""
 
     def __init__(self, cfg: AppConfig):
-        from banditrouter.policies import load_checkpoint
+        from banditrouter.policies import load_checkpoint, untrained_like
         from learner.core import Learner, LearnerSettings
 
         lc = cfg.learning
         self.cfg = cfg
         policy = load_checkpoint(cfg.policy.checkpoint)
         if lc.cold_start:
-            policy = self._fresh(policy)
+            policy = untrained_like(policy)
         self.buffer = get_or_create_buffer(cfg)
         self.core = Learner(
             policy,
@@ -94,12 +94,6 @@ class LearnerActor:
         self.installs: list[dict[str, Any]] = []
         self.thread = threading.Thread(target=self._loop, name="learner", daemon=True)
         self.thread.start()
-
-    @staticmethod
-    def _fresh(policy):
-        from banditrouter.policies import make_policy
-
-        return make_policy(policy.name, policy.models, policy.context_dim, policy.tau, seed=0, **policy._config())
 
     def _publish(self) -> tuple[int, dict[str, Any]]:
         return (self.core.policy.version, self.core.policy.state_dict())
@@ -179,8 +173,10 @@ class LearnerActor:
     # -- operators --------------------------------------------------------------------------------------------
     def reset(self) -> int:
         """Cold start: replace the policy with an untrained one (version continues); routers install it."""
+        from banditrouter.policies import untrained_like
+
         with self.lock:
-            self.core.reset(self._fresh(self.core.policy))
+            self.core.reset(untrained_like(self.core.policy))
             self.published = self._publish()
             return self.core.policy.version
 

@@ -250,7 +250,7 @@ def install(policy: Policy, state: Any) -> Policy:
     """What a router runs on pushed weights: a new policy object built like its current one and loaded
     from the blob, which must be the same policy, pool and shapes with finite values (else StateError and
     the router keeps serving `policy`). Swapping the object means no decision sees half-loaded weights."""
-    from banditrouter.policies import make_policy
+    from banditrouter.policies import untrained_like
 
     if not isinstance(state, dict) or not isinstance(state.get("params"), dict):
         raise StateError("weights blob is not a policy state")
@@ -260,7 +260,7 @@ def install(policy: Policy, state: Any) -> Policy:
         raise StateError(f"weights blob holds non-numeric parameters: {e}") from None
     if not finite:
         raise StateError("weights blob holds non-finite values")
-    fresh = make_policy(policy.name, policy.models, policy.context_dim, policy.tau, seed=policy.seed, **policy._config())
+    fresh = untrained_like(policy, seed=policy.seed)
     fresh.load_state_dict(state)
     fresh.take_random_state(policy)
     return fresh

@@ -12,8 +12,8 @@ with context, preference, arm, propensity and cost, then an explicit score) with
 - after `--requests`, the learner's policy is scored like `banditrouter eval`: mean reward over the
   11-point w grid on the test split, as a share of the offline-trained checkpoint's.
 
-    python scripts/emulate_online.py --seeds 0-9 --replay-steps 16            # relabelled replay (default)
-    python scripts/emulate_online.py --seeds 0-9 --replay-steps 16 --no-relabel
+    python scripts/emulate_online.py --seeds 0-7                    # the learner's defaults: 4 relabelled steps
+    python scripts/emulate_online.py --seeds 0-7 --replay-steps 16 --no-relabel
 
 Prints one JSON object: per seed the mean reward and share, and their mean and min.
 """
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from banditrouter.evaluation import evaluate_policy  # noqa: E402
 from banditrouter.pipeline import Split, load_split  # noqa: E402
-from banditrouter.policies import Policy, load_checkpoint, make_policy  # noqa: E402
+from banditrouter.policies import Policy, load_checkpoint, untrained_like  # noqa: E402
 from banditrouter.reward import sample_preferences  # noqa: E402
 from learner.core import Learner, LearnerSettings, install  # noqa: E402
 
@@ -45,7 +45,7 @@ def grid_reward(policy: Policy, test: Split) -> float:
 def run_once(
     reference: Policy, train: Split, test: Split, seed: int, settings: LearnerSettings, requests: int, per_update: int, lag: int
 ) -> float:
-    fresh = make_policy(reference.name, reference.models, reference.context_dim, reference.tau, seed=0, **reference._config())
+    fresh = untrained_like(reference)
     with tempfile.TemporaryDirectory() as state_dir:
         learner = Learner(fresh, state_dir, settings)
         published = [fresh.state_dict()]
@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--per-update", type=int, default=10, help="samples per learner update")
     ap.add_argument("--lag", type=int, default=1, help="updates between a version's publication and routers using it")
     ap.add_argument("--batch-size", type=int, default=32, help="learning.batch_size: the replay minibatch")
-    ap.add_argument("--replay-steps", type=int, default=16)
+    ap.add_argument("--replay-steps", type=int, default=LearnerSettings.replay_steps)
     ap.add_argument("--no-relabel", action="store_true", help="replay samples under the preference they were served with")
     args = ap.parse_args()
 

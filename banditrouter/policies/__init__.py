@@ -35,6 +35,12 @@ def make_policy(name: str, models: Sequence[str], context_dim: int, tau: float, 
     return policy_class(name)(models, context_dim, tau, seed=seed, **config)
 
 
+def untrained_like(policy: Policy, seed: int = 0) -> Policy:
+    """A fresh policy of the same kind, pool, context width, tau and config (a cold start, or the shell a
+    router loads pushed weights into)."""
+    return make_policy(policy.name, policy.models, policy.context_dim, policy.tau, seed=seed, **policy._config())
+
+
 def save_checkpoint(policy: Policy, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write atomically (tmp file + rename): a reader never sees half a checkpoint."""
     import numpy as np

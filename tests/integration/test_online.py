@@ -208,3 +208,21 @@ def test_retrial_is_detected(online, prompts):
     assert route(text, user="retrier").status_code == 200
     assert route(text, user="retrier").status_code == 200
     assert wait_until(lambda: stats()["buffer"]["events"].get("retrial", 0) == before + 1, 5)
+
+
+def test_cold_start_reset_pushes_an_untrained_policy(online, prompts):
+    """`POST /v1/learner/reset` (what `simulate --cold-start` calls): the learner swaps in an untrained policy
+    of the same shape under a newer version, and the routers serve that version."""
+    import ray
+
+    from learner.actors import LEARNER_NAME, NAMESPACE
+
+    learner = ray.get_actor(LEARNER_NAME, namespace=NAMESPACE)
+    v0, trained = ray.get(learner.wait_for_weights.remote(-1))
+    assert np.abs(trained["params"]["b"]).sum() > 0  # earlier tests' feedback trained it
+    r = requests.post(f"{BASE}/v1/learner/reset", timeout=60)
+    assert r.status_code == 200 and r.json()["version"] > v0
+    v1, fresh = ray.get(learner.wait_for_weights.remote(-1))
+    assert v1 == r.json()["version"]
+    assert not np.abs(fresh["params"]["b"]).any() and np.allclose(fresh["params"]["A"], np.eye(387)[None])
+    assert wait_until(lambda: route(prompts.prompts[40]).json()["routing"]["policy_version"] >= v1, 10)
