@@ -168,6 +168,23 @@ class AppConfig(_Strict):
             raise ValueError("'router' is reserved for the routed endpoint; rename that model")
         return models
 
+    @model_validator(mode="after")
+    def _learning_needs_an_exploring_logger(self):
+        if self.learning.enabled and not self.policy.explore:
+            from banditrouter.policies import policy_class
+
+            try:
+                cls = policy_class(self.policy.name)
+            except ValueError as e:
+                raise ValueError(f"policy.name: {e}") from None
+            if cls.learns_from_propensities:
+                raise ValueError(
+                    f"learning.enabled: true with policy.explore: false: policy {self.policy.name!r} learns from the "
+                    "propensities of logged decisions, and argmax decisions (propensity 1) bias it and never explore. "
+                    "Set policy.explore: true (sample from the policy) or learning.enabled: false."
+                )
+        return self
+
     @property
     def model_names(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.models)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from banditrouter.data import RoutingLog, load_dataset
-from banditrouter.evaluation import evaluate_policy, policy_aiq, references
+from banditrouter.evaluation import evaluate_policy, policy_aiq, policy_aiq_range, references
 from banditrouter.policies import POLICIES, Policy, load_checkpoint, make_policy, save_checkpoint
 from banditrouter.reward import DEFAULT_PREFERENCE_SAMPLER, DEFAULT_TAU_QUANTILE, cost_scale
 from banditrouter.training import train_policy
@@ -167,6 +167,7 @@ def run_eval(
         results["policies"][name] = {
             "points": pts,
             "aiq": policy_aiq(pts, test.log),
+            "aiq_range": policy_aiq_range(pts, test.log),
             "mean_reward": float(np.mean([p["reward"] for p in pts])),
             "policy_version": pol.version,
         }

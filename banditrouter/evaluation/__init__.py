@@ -2,12 +2,24 @@
 
 from banditrouter.evaluation.metrics import (
     aiq,
+    aiq_range,
     cost_range,
     evaluate_policy,
     oracle_arms,
     policy_aiq,
+    policy_aiq_range,
     references,
     upper_hull,
 )
 
-__all__ = ["aiq", "cost_range", "evaluate_policy", "oracle_arms", "policy_aiq", "references", "upper_hull"]
+__all__ = [
+    "aiq",
+    "aiq_range",
+    "cost_range",
+    "evaluate_policy",
+    "oracle_arms",
+    "policy_aiq",
+    "policy_aiq_range",
+    "references",
+    "upper_hull",
+]

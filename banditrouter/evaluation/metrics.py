@@ -4,10 +4,13 @@ For every preference on the grid w_cost = 0.0, 0.1, ..., 1.0 (w_quality = 1 - w_
 greedily (explore=False) for every test prompt; we report the mean score of the chosen models
 ("accuracy"), their mean cost in USD per query, and the mean BaRP reward under the training log's tau.
 
-AIQ follows RouterBench (Hu et al., 2024): the area under the non-decreasing upper convex hull of a
-policy's (cost, accuracy) points, divided by the width of the cost range. The range is the same for every
-policy: [cheapest single model's mean cost, dearest single model's mean cost] on the test split. The hull
-is extended flat left of the policy's cheapest point and right of its dearest point.
+AIQ is RouterBench's (Hu et al., 2024; `evaluation/AIQ.py` in withmartian/routerbench): take the
+non-decreasing upper convex hull of a policy's (cost, accuracy) points, integrate it with the trapezoid rule
+from the policy's *cheapest* point, extended flat to the right only, up to the largest cost compared (here
+the dearest single model's mean cost on the test split, or the policy's own dearest point if that costs
+more), and divide by that cost. Cost the policy never reaches on its cheap side earns nothing: a router
+with a single dear point scores about 0. `aiq_range` keeps our earlier variant (the hull extended flat on
+both sides over [cheapest, dearest single model], divided by that width), reported as `aiq_range`.
 """
 
 from __future__ import annotations
@@ -108,7 +111,23 @@ def upper_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return hull
 
 
-def aiq(points: list[tuple[float, float]], c_lo: float, c_hi: float) -> float:
+def aiq(points: list[tuple[float, float]], c_max: float) -> float:
+    """RouterBench's AIQ: trapezoid area under the non-decreasing convex hull from the policy's cheapest
+    point to `c_max` (the hull held flat after its dearest point), divided by `c_max`."""
+    if not points:
+        return 0.0
+    hull = upper_hull(points)
+    c_max = max(float(c_max), hull[-1][0])
+    if c_max <= 0:
+        return float(hull[-1][1])
+    xs = np.array([c for c, _ in hull] + [c_max])
+    ys = np.array([q for _, q in hull] + [hull[-1][1]])
+    return float(np.trapezoid(ys, xs) / c_max)
+
+
+def aiq_range(points: list[tuple[float, float]], c_lo: float, c_hi: float) -> float:
+    """Our earlier variant: the hull extended flat on both sides over [c_lo, c_hi], divided by the width.
+    Kinder to routers with only dear points (they score their accuracy, not ~0); not RouterBench's number."""
     if not points:
         return 0.0
     if c_hi <= c_lo:
@@ -122,4 +141,9 @@ def aiq(points: list[tuple[float, float]], c_lo: float, c_hi: float) -> float:
 
 
 def policy_aiq(points: list[dict[str, float]], log: RoutingLog) -> float:
-    return aiq([(p["cost"], p["accuracy"]) for p in points], *cost_range(log))
+    """RouterBench's AIQ of a policy's grid points, up to the dearest single model of the pool."""
+    return aiq([(p["cost"], p["accuracy"]) for p in points], cost_range(log)[1])
+
+
+def policy_aiq_range(points: list[dict[str, float]], log: RoutingLog) -> float:
+    return aiq_range([(p["cost"], p["accuracy"]) for p in points], *cost_range(log))

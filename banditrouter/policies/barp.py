@@ -3,10 +3,10 @@
     pi(a | x, w) = softmax(g([h(x); phi(w)]))          h: frozen MiniLM embedding (the context)
                                                         phi: MLP on w = (w_q, w_c);  g: MLP head
     r = w_q * q_a - w_c * min(c_a / tau, 1)            only the chosen arm's (q_a, c_a) is ever seen
-    L = -(r - b) * log pi(a | x, w) - beta * H(pi(. | x, w)),   b = batch-mean baseline
+    L = -(r - b) * log pi(a | x, w) - beta * H(pi(. | x, w)),   b = leave-one-out batch-mean baseline
 
-Our departures from the paper's summary, each a named BaRPConfig field: the baseline is the batch mean
-taken under each sample's own preference (`baseline`), greedy decisions use a Polyak average of the
+Our departures from the paper's summary, each a named BaRPConfig field: the baseline is the leave-one-out
+batch mean taken under each sample's own preference (`baseline`), greedy decisions use a Polyak average of the
 parameters (`ema_decay`), and lr is 1e-3. Training preferences are drawn by
 `banditrouter.training.train_bandit` (arcsine by default, for every bandit learner alike).
 
@@ -46,12 +46,14 @@ class BaRPConfig:
     grad_clip: float = 1.0
     """Max gradient norm per step (ours)."""
     baseline: str = "preference_batch_mean"
-    """"batch_mean" (paper): b = mean of the batch's rewards. "preference_batch_mean" (ours): b_i =
-    w_q,i * mean(q) - w_c,i * mean(c~), the batch mean of the outcomes scored under sample i's own
-    preference. Both depend only on (x, w), not on the action, so the gradient stays unbiased; the second
-    removes the variance that mixing preferences in one batch adds (with one shared b, every arm looks bad
-    when w_c is high). On a validation split carved from RouterBench train (arcsine preferences, seeds
-    0-2), mean reward over the w grid: 0.3915 +- 0.001 with it, 0.3899 +- 0.002 with the paper's b."""
+    """Both baselines leave sample i out of its own b_i (leave-one-out), so b_i does not depend on the arm
+    sample i drew and the gradient stays unbiased; a plain batch mean includes r_i, which shrinks every
+    advantage by (1 - 1/B) and makes it exactly 0 for a batch of one (then only the entropy term acts and
+    the policy drifts toward uniform). A batch of one has no other sample: b = 0.
+    "batch_mean" (paper's, made leave-one-out): b_i = mean of the other samples' rewards.
+    "preference_batch_mean" (ours): b_i = w_q,i * mean_{j != i}(q_j) - w_c,i * mean_{j != i}(c~_j), the
+    other samples' outcomes scored under sample i's own preference; it removes the variance that mixing
+    preferences in one batch adds (with one shared b, every arm looks bad when w_c is high)."""
     ema_decay: float = 0.995
     """Polyak averaging (ours): when > 0, greedy decisions (explore=False: serving, evaluation) use an
     exponential moving average of the parameters, theta_bar <- d * theta_bar + (1 - d) * theta, while
@@ -71,6 +73,7 @@ class BaRPNet(nn.Module):
 
 class BaRP(Policy):
     name = "barp"
+    learns_from_propensities = True
 
     def __init__(self, models, context_dim, tau, seed=0, **config):
         super().__init__(models, context_dim, tau, seed)
@@ -130,11 +133,16 @@ class BaRP(Policy):
         return {"loss": loss.item(), "mean_reward": r.mean().item(), "entropy": entropy.mean().item()}
 
     def _baseline(self, batch: BanditBatch, w: torch.Tensor) -> torch.Tensor:
+        """Leave-one-out: b_i never includes sample i's own outcome (see BaRPConfig.baseline)."""
         q = torch.from_numpy(np.asarray(batch.scores, dtype=np.float32))
         c = torch.from_numpy(normalised_cost(batch.costs, self.tau).astype(np.float32))
+        n = len(q)
+        if n == 1:
+            return torch.zeros(1)
+        loo = lambda v: (v.sum() - v) / (n - 1)  # mean of the other n - 1 samples, per sample
         if self.config.baseline == "batch_mean":
-            return (w[:, 0] * q - w[:, 1] * c).mean()  # b = mean(r)
-        return w[:, 0] * q.mean() - w[:, 1] * c.mean()  # b_i = w_i . (mean q, -mean c~)
+            return loo(w[:, 0] * q - w[:, 1] * c)  # b_i = mean_{j != i} r_j
+        return w[:, 0] * loo(q) - w[:, 1] * loo(c)  # b_i = w_i . (mean_{j != i} q, -mean_{j != i} c~)
 
     # ====================================================================================================
     # state

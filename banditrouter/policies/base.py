@@ -99,6 +99,9 @@ class Policy(ABC):
     name: str = "policy"
     full_information: bool = False
     """True for references that train on every arm's outcome (never used as a bandit learner)."""
+    learns_from_propensities: bool = False
+    """True when `update` weights samples by pi(a) / propensity (BaRP): it needs decisions logged by an
+    exploring policy with true propensities. Count-based learners (LinUCB, LinTS) learn from any logger."""
 
     def __init__(self, models: Sequence[str], context_dim: int, tau: float, seed: int = 0):
         if len(models) < 2:

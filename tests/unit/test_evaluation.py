@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from banditrouter.evaluation import aiq, oracle_arms, references, upper_hull
+from banditrouter.evaluation import aiq, aiq_range, oracle_arms, references, upper_hull
 from banditrouter.reward import cost_scale, normalised_cost, preference_grid, reward
 from banditrouter.synthetic import make_synthetic
 
@@ -22,14 +22,29 @@ def test_upper_hull_drops_dominated_and_concave_points():
     assert upper_hull(pts) == [(1.0, 0.5), (2.0, 1.0)]
 
 
-def test_aiq_known_area():
+def test_aiq_is_routerbenchs():
+    """RouterBench's definition (evaluation/AIQ.py): trapezoid area under the hull from the policy's cheapest
+    point, flat to the right only up to c_max, divided by c_max. Hand-computed fixtures."""
+    # rises 0.5 -> 0.9 over [0.2, 0.6] (area 0.28), flat at 0.9 over [0.6, 1.0] (0.36): 0.64 / 1
+    assert aiq([(0.2, 0.5), (0.6, 0.9)], 1.0) == pytest.approx(0.64)
+    # a point under the chord (0.4, 0.55) and a dominated dearer one (0.8, 0.85) change nothing
+    assert aiq([(0.2, 0.5), (0.4, 0.55), (0.6, 0.9), (0.8, 0.85)], 1.0) == pytest.approx(0.64)
+    # c_max = 2: 0.5 * (0.6 + 0.8) / 2 = 0.35 over [0.5, 1], then 0.8 over [1, 2]: (0.35 + 0.8) / 2
+    assert aiq([(0.5, 0.6), (1.0, 0.8)], 2.0) == pytest.approx(0.575)
+    # a router with only a dear point earns nothing left of it: ~0, not its accuracy (issue 9)
+    assert aiq([(1.0, 0.8)], 1.0) == pytest.approx(0.0)
+    assert aiq([(0.9, 0.8)], 1.0) == pytest.approx(0.1 * 0.8)
+    # a point dearer than c_max extends the range to it: 1.5 * (0.5 + 1.0) / 2 over [0.5, 2], / 2
+    assert aiq([(0.5, 0.5), (2.0, 1.0)], 1.0) == pytest.approx(0.5625)
+
+
+def test_aiq_range_variant_known_area():
     # hull rises linearly 0.5 -> 1.0 over [1, 2], flat at 1.0 over [2, 3]: (0.75 + 1.0) / 2
-    assert aiq([(1.0, 0.5), (2.0, 1.0)], 1.0, 3.0) == pytest.approx(0.875, abs=1e-4)
-    # one point: flat everywhere
-    assert aiq([(2.0, 0.6)], 1.0, 3.0) == pytest.approx(0.6)
-    # adding a dominated point changes nothing; a better point raises it
-    assert aiq([(1.0, 0.5), (2.0, 1.0), (2.5, 0.7)], 1.0, 3.0) == pytest.approx(0.875, abs=1e-4)
-    assert aiq([(1.0, 0.7), (2.0, 1.0)], 1.0, 3.0) > 0.875
+    assert aiq_range([(1.0, 0.5), (2.0, 1.0)], 1.0, 3.0) == pytest.approx(0.875, abs=1e-4)
+    # one point: flat everywhere (this variant's kindness to a dear-only router)
+    assert aiq_range([(2.0, 0.6)], 1.0, 3.0) == pytest.approx(0.6)
+    assert aiq_range([(1.0, 0.5), (2.0, 1.0), (2.5, 0.7)], 1.0, 3.0) == pytest.approx(0.875, abs=1e-4)
+    assert aiq_range([(1.0, 0.7), (2.0, 1.0)], 1.0, 3.0) > 0.875
 
 
 def test_oracle_dominates_single_models():

@@ -143,13 +143,40 @@ def test_epsilon_greedy_propensities(problem):
 
 
 def test_lints_propensity_estimate(problem):
-    """The Monte Carlo propensity matches the empirical choice frequency of the sampler."""
+    """The propensity matches the empirical choice frequency of the sampler."""
     pol = _trained("lints", problem)
     x = np.repeat(problem[2][:1], 4000, axis=0)
     d = pol.select(x, np.array([[0.5, 0.5]]), explore=True)
     freq = np.bincount(d.arms, minlength=ARMS) / len(x)
     est = np.array([d.propensities[d.arms == a].mean() if (d.arms == a).any() else 0 for a in range(ARMS)])
     np.testing.assert_allclose(est, freq, atol=0.05)
+
+
+def test_lints_propensities_are_exact():
+    """Known answers: with two arms P(a) = Phi((m_a - m_b) / sqrt(s_a^2 + s_b^2)); with equal arms 1/K. The
+    old estimate (1 + wins) / (1 + m) counted the winning draw, so it was biased up and never below 1/64."""
+    from scipy.stats import norm
+
+    pol = make_policy("lints", ("a", "b"), 4, tau=0.01, v=1.0, seed=3)
+    mean, sd = np.array([0.3, -0.5]), np.array([0.4, 0.25])
+    pol.predict = lambda phi: np.tile(mean, (len(phi), 1))
+    pol.widths = lambda phi: np.tile(sd, (len(phi), 1))
+    d = pol.select(np.zeros((2000, 4), np.float32), np.array([[0.5, 0.5]]), explore=True)
+    p_a = norm.cdf((mean[0] - mean[1]) / np.hypot(*sd))
+    np.testing.assert_allclose(d.propensities, np.where(d.arms == 0, p_a, 1 - p_a), rtol=1e-6)
+    assert abs((d.arms == 0).mean() - p_a) < 0.03
+
+    from banditrouter.policies.lints import argmax_probability
+
+    k = 5
+    eq = argmax_probability(np.zeros((k, k)), np.ones((k, k)), np.arange(k))
+    np.testing.assert_allclose(eq, 1 / k, rtol=1e-6)
+    # a rarely chosen arm: exact probability far below the old floor of 1/64, checked by Monte Carlo
+    m, s = np.array([[0.0, 0.0, -2.5]]), np.array([[1.0, 0.5, 0.5]])
+    exact = argmax_probability(m, s, np.array([2]))[0]
+    draws = m + s * np.random.default_rng(0).standard_normal((2_000_000, 3))
+    mc = (draws.argmax(axis=1) == 2).mean()
+    assert exact < 1 / 64 and abs(exact - mc) < 4 * np.sqrt(mc / 2_000_000) + 1e-5
 
 
 def test_bad_inputs_are_refused(problem):
@@ -206,3 +233,48 @@ def test_barp_paper_configuration_learns(problem, baselines):
     assert _mean_reward(pol, problem) > baselines["best_single"] + 0.04
     with pytest.raises(ValueError, match="unknown baseline"):
         make_policy("barp", train.models, DIM, tau, baseline="median")
+
+
+@pytest.mark.parametrize("baseline", ["batch_mean", "preference_batch_mean"])
+def test_barp_single_sample_update_moves_toward_the_rewarded_arm(baseline):
+    """A batch of one (low traffic, max_wait_s elapsed): with beta = 0 the update must change the
+    parameters and raise pi(a) of the rewarded arm. A baseline that includes the sample's own reward makes
+    the advantage exactly 0 here, so nothing moves (issue 9)."""
+    from banditrouter.policies.base import BanditBatch
+
+    pol = make_policy("barp", ("a", "b", "c"), 8, tau=0.01, seed=0, entropy_beta=0.0, ema_decay=0.0, baseline=baseline)
+    x = np.random.default_rng(1).normal(size=(1, 8)).astype(np.float32)
+    w = np.array([[1.0, 0.0]])
+    before = pol.probabilities(x, w)[0, 1]
+    params = {k: v.copy() for k, v in pol.state_dict()["params"].items()}
+    batch = BanditBatch(x, w, np.array([1]), np.array([before]), np.array([1.0]), np.array([0.0]))
+    pol.update(batch)
+    assert any(not np.allclose(v, pol.state_dict()["params"][k]) for k, v in params.items())
+    assert pol.probabilities(x, w)[0, 1] > before
+
+
+@pytest.mark.parametrize("baseline", ["batch_mean", "preference_batch_mean"])
+def test_barp_baseline_leaves_each_sample_out(baseline):
+    """b_i must not depend on sample i's own outcome (else the advantage is not action-independent)."""
+    import torch
+
+    from banditrouter.policies.base import BanditBatch
+
+    pol = make_policy("barp", ("a", "b"), 4, tau=0.01, baseline=baseline)
+    rng = np.random.default_rng(0)
+    n = 6
+    w = np.tile([0.6, 0.4], (n, 1))
+    scores, costs = rng.uniform(size=n), rng.uniform(0, 0.01, size=n)
+
+    def b(s, c):
+        batch = BanditBatch(np.zeros((n, 4), np.float32), w, np.zeros(n, int), np.ones(n), s, c)
+        return pol._baseline(batch, torch.from_numpy(w).float()).numpy()
+
+    base = b(scores, costs)
+    s2, c2 = scores.copy(), costs.copy()
+    s2[2], c2[2] = 1 - s2[2], 0.0  # change sample 2's own outcome only
+    moved = b(s2, c2)
+    assert np.isclose(moved[2], base[2])  # its own baseline is unchanged ...
+    assert not np.allclose(np.delete(moved, 2), np.delete(base, 2))  # ... the others' move
+    r = 0.6 * scores - 0.4 * np.minimum(costs / 0.01, 1)
+    np.testing.assert_allclose(base, (r.sum() - r) / (n - 1), rtol=1e-4, atol=1e-7)

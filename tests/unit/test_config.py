@@ -1,0 +1,37 @@
+"""Config validation: combinations that would silently mislearn are refused at load, naming the fields."""
+
+from __future__ import annotations
+
+import pytest
+
+from banditrouter.config import ConfigError, load_config
+
+POOL = [{"name": "a"}, {"name": "b"}]
+
+
+def _cfg(policy: dict, learning: dict) -> dict:
+    return {"policy": policy, "learning": learning, "models": POOL}
+
+
+def test_propensity_learner_refuses_a_deterministic_logger():
+    """BaRP learning online from argmax decisions (propensity 1) is biased and never explores (issue 9)."""
+    with pytest.raises(ConfigError, match=r"learning\.enabled.*policy\.explore"):
+        load_config(_cfg({"name": "barp", "explore": False}, {"enabled": True}))
+
+
+@pytest.mark.parametrize(
+    "policy, learning",
+    [
+        ({"name": "barp", "explore": True}, {"enabled": True}),  # exploring: true propensities
+        ({"name": "barp", "explore": False}, {"enabled": False}),  # serving only
+        ({"name": "linucb", "explore": False}, {"enabled": True}),  # count-based: needs no propensity
+        ({"name": "lints", "explore": False}, {"enabled": True}),
+    ],
+)
+def test_valid_learning_combinations_load(policy, learning):
+    load_config(_cfg(policy, learning))
+
+
+def test_unknown_policy_name_is_named():
+    with pytest.raises(ConfigError, match="unknown policy"):
+        load_config(_cfg({"name": "nope", "explore": False}, {"enabled": True}))
