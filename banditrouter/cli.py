@@ -144,6 +144,9 @@ def evaluate(
 def serve(
     config: Path = typer.Option(Path("configs/local.yaml"), "--config", "-c", help="banditrouter YAML config."),
     pretrain: bool = typer.Option(True, help="Train the policy first when its checkpoint is missing."),
+    state_dir: Path | None = typer.Option(
+        None, "--state-dir", help="Override learning.state_dir (event log, learner commits): a fresh folder is a fresh run."
+    ),
 ):
     """Start a local Ray on 127.0.0.1, deploy the app, print its URLs; Ctrl-C / SIGTERM stops everything."""
     import signal
@@ -155,6 +158,8 @@ def serve(
         cfg = load_config(config)
     except ConfigError as e:
         _fail(str(e))
+    if state_dir is not None:
+        cfg = cfg.model_copy(update={"learning": cfg.learning.model_copy(update={"state_dir": state_dir.resolve()})})
     ckpt = cfg.policy.checkpoint
     if not ckpt.exists():
         datasets = {(m.replay.dataset, m.replay.data_dir) for m in cfg.models if m.backend == "replay"}
