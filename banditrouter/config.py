@@ -71,6 +71,11 @@ class RouterConfig(_Strict):
     max_in_flight_per_model: int = Field(64, ge=1, description="Per model: requests dispatched at once.")
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0.5}, description="Per replica.")
     events_path: Path | None = Field(None, description="Append decision events as JSONL here (None: keep in memory).")
+    model_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Per routed model call: past this the request answers 504 and the decision is logged with outcome 'timeout'.",
+    )
 
 
 class LearningConfig(_Strict):
@@ -92,6 +97,34 @@ class LearningConfig(_Strict):
     )
     replay_relabel: bool = Field(
         True, description="Replay steps score past samples under freshly drawn preferences (importance-weighted)."
+    )
+    feedback_hold_s: float = Field(
+        30.0,
+        ge=0,
+        description="Feedback for a decision the buffer does not hold yet (still on its way from a router) waits this long"
+        " for it (HTTP 202 'held'); then it is refused as unknown_decision. 0: refuse unknown ids at once (404).",
+    )
+    max_held_feedback: int = Field(
+        10_000, ge=1, description="At most this many feedbacks wait for their decision; beyond it unknown ids get 404."
+    )
+    max_tracked_users: int = Field(
+        100_000,
+        ge=1,
+        description="Users (and decisions awaiting acceptance) the buffer tracks for retrial detection; the oldest go first.",
+    )
+    installs_kept: int = Field(
+        10_000, ge=1, description="Router installs the learner remembers; staleness percentiles are over these."
+    )
+    spill_dir: Path | None = Field(
+        None,
+        description="Each router replica spills decisions the buffer did not take in time to a file here and re-delivers"
+        " them later (default: <state_dir>/spill).",
+    )
+    delivery_timeout_s: float = Field(
+        2.0, gt=0, description="A router waits at most this long for the buffer to take a batch of decisions, then spills it."
+    )
+    delivery_queue_size: int = Field(
+        10_000, ge=1, description="Decisions a router replica queues in memory for the buffer; beyond it they go to the spill."
     )
 
 
@@ -226,4 +259,7 @@ def load_config(source: str | os.PathLike | dict, base_dir: Path | None = None) 
         cfg = cfg.model_copy(
             update={"learning": cfg.learning.model_copy(update={"state_dir": (base / cfg.learning.state_dir).resolve()})}
         )
+    spill = cfg.learning.spill_dir
+    if spill is not None and not spill.is_absolute():
+        cfg = cfg.model_copy(update={"learning": cfg.learning.model_copy(update={"spill_dir": (base / spill).resolve()})})
     return cfg

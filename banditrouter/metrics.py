@@ -4,6 +4,9 @@ banditrouter_decisions_total{model}        routed decisions per model
 banditrouter_cost_usd_total{model}         spend per model
 banditrouter_policy_version                 version a router replica serves
 banditrouter_weights_rejected_total         weight blobs a router refused
+banditrouter_model_failures_total{model,outcome}  routed calls that failed: outcome error | timeout
+banditrouter_decision_spill_events          decisions a router replica holds in its spill file (buffer slow or down)
+banditrouter_decisions_spilled_total        decisions a router replica had to spill
 banditrouter_feedback_total{kind}           explicit / retrial / accepted outcomes the learner consumed
 banditrouter_feedback_refused_total{reason} poisoned or invalid feedback refused at the buffer
 banditrouter_reward                         mean reward of the learner's last update
@@ -24,11 +27,27 @@ class RouterMetrics:
         self.cost = Counter("banditrouter_cost_usd_total", "Spend per model (USD).", tag_keys=("model",))
         self.version = Gauge("banditrouter_policy_version", "Policy version this router replica serves.")
         self.rejected_weights = Counter("banditrouter_weights_rejected_total", "Weight blobs a router refused.")
+        self.failures = Counter(
+            "banditrouter_model_failures_total", "Routed model calls that failed.", tag_keys=("model", "outcome")
+        )
+        self.spill_depth = Gauge("banditrouter_decision_spill_events", "Decisions in this router replica's spill file.")
+        self.spilled = Counter("banditrouter_decisions_spilled_total", "Decisions this router replica had to spill.")
+        self._spilled_seen = 0
 
     def decision(self, model: str, cost: float | None) -> None:
         self.decisions.inc(1.0, tags={"model": model})
         if cost is not None and cost > 0:
             self.cost.inc(float(cost), tags={"model": model})
+
+    def failure(self, model: str, outcome: str) -> None:
+        self.failures.inc(1.0, tags={"model": model, "outcome": outcome})
+
+    def delivery(self, stats: dict) -> None:
+        """`DecisionShipper.on_stats`: spill depth, and how many decisions were spilled since last time."""
+        self.spill_depth.set(float(stats["spill_pending"]))
+        if stats["spilled"] > self._spilled_seen:
+            self.spilled.inc(float(stats["spilled"] - self._spilled_seen))
+            self._spilled_seen = stats["spilled"]
 
 
 class LearnerMetrics:

@@ -39,6 +39,9 @@ class DecisionEvent:
     time: float = field(default_factory=time.time)
     event_id: str = field(default_factory=new_id)
     kind: Literal["decision"] = "decision"
+    outcome: Literal["ok", "error", "timeout"] = "ok"
+    """How the model call ended: "ok", or "error" / "timeout" (then `cost_usd` is what the failed call cost,
+    0.0 when unknown, and the router emits a FeedbackEvent of the same kind with value 0.0 after it)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,10 +49,11 @@ class DecisionEvent:
 
 @dataclass(frozen=True)
 class FeedbackEvent:
-    """What came back about a decision: an explicit score, a retrial, acceptance, or a timeout."""
+    """What came back about a decision: an explicit score, a retrial, acceptance, or the model call failing
+    (`error`, `timeout`: emitted by the router with value 0.0, so the policy learns that an arm fails)."""
 
     decision_id: str
-    kind: Literal["explicit", "retrial", "accepted", "timeout"]
+    kind: Literal["explicit", "retrial", "accepted", "timeout", "error"]
     value: float | None = None
     time: float = field(default_factory=time.time)
     event_id: str = field(default_factory=new_id)

@@ -1,5 +1,6 @@
-"""Where the router puts decision events. The online-learning issue adds the durable buffer actor; until
-then: an in-memory ring (default) or an append-only JSONL file."""
+"""The router replica's own record of its events: an in-memory ring (default, served by
+`GET /v1/routing/events`) or an append-only JSONL file (`router.events_path`). With online learning on, the
+same events also go to the durable buffer actor, off the response path (`deployments/delivery.py`)."""
 
 from __future__ import annotations
 

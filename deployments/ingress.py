@@ -7,7 +7,8 @@ FastAPI must see real types in the route signatures that Serve rewrites.
     GET  /v1/models             "router" and every pool model
     GET  /health
 
-Every error is JSON {"error": {"message", "type", "code", "request_id"}} with a 4xx/5xx status; the
+Every error is JSON {"error": {"message", "type", "code", "request_id"}} with a 4xx/5xx status (a routed
+model that fails: 502; one that runs past `router.model_timeout_s`: 504); the
 request id is also in the `x-request-id` header, which Serve's proxy sets (from the request's own
 `x-request-id` when it sends one).
 """
@@ -23,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray import serve
 
 from banditrouter.config import AppConfig
+from banditrouter.schemas import new_id
 from deployments.backends import BackendError, CompletionRequest, CompletionResult
-from deployments.router import QueueFull, RouteRequest
+from deployments.router import ModelTimeout, QueueFull, RouteRequest
 
 app = FastAPI(title="banditrouter", version="0.1.0")
 
@@ -92,6 +94,13 @@ def _request_id(request: Request) -> str:
     from ray.serve.context import _get_serve_request_context
 
     return _get_serve_request_context().request_id or request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex[:16]}"
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The exception a Ray task raised, without Ray's traceback wrapper (a RayTaskError is also an instance
+    of its cause's class, which is how `except ModelTimeout` catches it)."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, BaseException) else e
 
 
 def _validation_message(e: ValidationError) -> str:
@@ -190,7 +199,9 @@ class Ingress:
         except QueueFull:
             return _error(request_id, ApiError(503, "the chosen model's queue is full; retry later", "overloaded"))
         except BackendError as e:
-            return _error(request_id, ApiError(502, f"model backend failed: {e}", "upstream_error"))
+            return _error(request_id, ApiError(502, f"model backend failed: {_cause(e)}", "upstream_error"))
+        except ModelTimeout as e:
+            return _error(request_id, ApiError(504, str(_cause(e)), "timeout_error", "model_timeout"))
 
     def _completion(self, request_id: str, result: CompletionResult, model: str, routing: dict | None) -> JSONResponse:
         body = {
@@ -290,8 +301,10 @@ class Ingress:
 
     @app.post("/v1/feedback")
     async def feedback(self, request: Request):
-        """{"decision_id": str, "score": float in [0, 1]}. Idempotent per decision; unknown id 404; a second,
-        different score 409; NaN / out of range 422. Every refusal is counted at the buffer."""
+        """{"decision_id": str, "score": float in [0, 1]}. Idempotent per decision; a second, different score
+        409; NaN / out of range 422. Feedback for a decision the buffer does not hold yet (the router delivers
+        decisions after answering) is held for `learning.feedback_hold_s`: 202 {"status": "held"}; an unknown
+        id is 404 only when the hold is off or full. Every refusal is counted at the buffer."""
         request_id = _request_id(request)
         try:
             self._learning()
@@ -301,12 +314,13 @@ class Ingress:
                 raise ApiError(422, "decision_id: a non-empty string is required")
             if "score" not in data:
                 raise ApiError(422, "score: required, a number in [0, 1]")
-            out = await self.buffer.add_feedback.remote(decision_id, score)
+            # the event id is fixed here, so a call Ray retries (buffer restarting) cannot record it twice
+            out = await self.buffer.add_feedback.remote(decision_id, score, new_id())
             code = out.pop("code")
-            if code != 200:
+            if code >= 400:
                 kind = {404: "not_found_error", 409: "conflict_error"}.get(code, "invalid_request_error")
                 raise ApiError(code, out["message"], kind, out["reason"])
-            return JSONResponse({**out, "request_id": request_id})
+            return JSONResponse({**out, "request_id": request_id}, status_code=code)
         except ApiError as e:
             return _error(request_id, e)
 

@@ -4,6 +4,12 @@ chosen model through a bounded per-model admission queue, and emits a DecisionEv
 Admission is capacity-aware: at most `max_in_flight_per_model` requests run on a model at once and at most
 `queue_capacity` wait; beyond that the request is refused (503) rather than queued without bound. Which
 waiting request goes next is FIFO here; ACQB's scheduling replaces that rule.
+
+The response never waits on the learning path: the decision goes to a `DecisionShipper`
+(`deployments/delivery.py`) that delivers it to the buffer in the background, with a bounded timeout and a
+local spill. A model call that fails (`BackendError`) or runs past `router.model_timeout_s` is still a
+decision: it is logged with outcome "error" / "timeout" and an outcome event of that kind (value 0), so the
+policy learns that the arm fails, and then the error goes to the caller (502 / 504 at the ingress).
 """
 
 from __future__ import annotations
@@ -15,12 +21,13 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import ray
 from ray import serve
 
 from banditrouter.config import AppConfig
 from banditrouter.embeddings import text_key
-from banditrouter.schemas import DecisionEvent, new_id
-from deployments.backends import CompletionRequest, CompletionResult
+from banditrouter.schemas import DecisionEvent, FeedbackEvent, new_id
+from deployments.backends import BackendError, CompletionRequest, CompletionResult
 from deployments.events import make_sink
 
 logger = logging.getLogger("ray.serve")
@@ -28,6 +35,10 @@ logger = logging.getLogger("ray.serve")
 
 class QueueFull(RuntimeError):
     pass
+
+
+class ModelTimeout(RuntimeError):
+    """The routed model did not answer within `router.model_timeout_s`; the ingress answers 504."""
 
 
 class AdmissionQueue:
@@ -80,18 +91,38 @@ class Router:
         self.queues = {m: AdmissionQueue(cfg.router.max_in_flight_per_model, cfg.router.queue_capacity) for m in models}
         self.sink = make_sink(cfg.router.events_path)
         self.pool_version = text_key(",".join(sorted(models)))[:12]
-        self.buffer = self.learner = None
+        self.buffer = self.learner = self.shipper = None
         self._sync_task: asyncio.Task | None = None
         self.weights = {"installed": 0, "rejected": 0, "last_error": None}
-        if cfg.learning.enabled:
-            from learner.actors import get_or_create_buffer, get_or_create_learner
-
-            self.buffer = get_or_create_buffer(cfg)
-            self.learner = get_or_create_learner(cfg)
         from banditrouter.metrics import RouterMetrics
 
         self.metrics = RouterMetrics()
         self.metrics.version.set(self.policy.version)
+        if cfg.learning.enabled:
+            from deployments.delivery import DecisionShipper, spill_file
+            from learner.actors import get_or_create_buffer, get_or_create_learner
+
+            lc = cfg.learning
+            self.buffer = get_or_create_buffer(cfg)
+            self.learner = get_or_create_learner(cfg)
+            self.shipper = DecisionShipper(
+                self._send_events,
+                spill_file(lc.spill_dir or lc.state_dir / "spill", self._replica()),
+                timeout_s=lc.delivery_timeout_s,
+                max_queue=lc.delivery_queue_size,
+                on_stats=self.metrics.delivery,
+            )
+
+    async def _send_events(self, events: list[dict]) -> int:
+        """One batch to the buffer (the shipper bounds how long this may take)."""
+        return await self.buffer.append_decisions.remote(events)
+
+    def __del__(self):
+        """Serve calls this when the replica shuts down: queued decisions go to the spill, which the next
+        replica adopts and delivers."""
+        shipper = getattr(self, "shipper", None)
+        if shipper is not None:
+            shipper.close()
 
     # -- weights from the learner ---------------------------------------------------------------------------
     def _replica(self) -> str:
@@ -128,8 +159,11 @@ class Router:
             try:
                 got = await self.learner.wait_for_weights.remote(known, 0.0 if known == -1 else 10.0)
                 if got is not None:  # built off the event loop (LinUCB's matrices take ~0.1 s); swapped atomically
-                    await asyncio.to_thread(self.load_weights, *got)
-                    known = got[0]  # refused or not, wait for the next one
+                    version, state = got
+                    if isinstance(state, ray.ObjectRef):  # the learner puts each version in the object store once
+                        state = await state
+                    await asyncio.to_thread(self.load_weights, version, state)
+                    known = version  # refused or not, wait for the next one
                 self._synced.set()
             except asyncio.CancelledError:
                 raise
@@ -170,7 +204,20 @@ class Router:
             "cost_usd": cost,
         }
 
-    async def _emit(self, req: RouteRequest, decision_id: str, model: str, d, x: np.ndarray, result: CompletionResult | None):
+    def _emit(
+        self,
+        req: RouteRequest,
+        decision_id: str,
+        model: str,
+        d,
+        x: np.ndarray,
+        result: CompletionResult | None,
+        outcome: str = "ok",
+        latency_s: float | None = None,
+    ) -> None:
+        """Record the decision (and, for a failed call, its outcome event). Never waits: the buffer gets it
+        through the shipper, after the caller has its answer."""
+        failed = outcome != "ok"
         ev = DecisionEvent(
             decision_id=decision_id,
             request_id=req.request_id,
@@ -182,16 +229,23 @@ class Router:
             preference=tuple(req.preference),
             context=[float(v) for v in x],
             context_ref=text_key(req.prompt),
-            cost_usd=result.cost_usd if result else None,
-            latency_s=result.latency_s if result else None,
+            cost_usd=0.0 if failed else (result.cost_usd if result else None),
+            latency_s=latency_s if failed else (result.latency_s if result else None),
             pool_version=self.pool_version,
             user=req.user,
+            outcome=outcome,
         )
-        self.sink.emit(ev)
-        self.metrics.decision(model, result.cost_usd if result else None)
-        if self.buffer is not None:
-            # awaited: once the caller holds the decision id, feedback on it finds the decision in the log
-            await self.buffer.append_decisions.remote([ev.to_dict()])
+        events = [ev]
+        if failed:
+            events.append(FeedbackEvent(decision_id, outcome, 0.0))
+            self.metrics.failure(model, outcome)
+        for e in events:
+            self.sink.emit(e)
+        self.metrics.decision(model, ev.cost_usd)
+        if self.shipper is not None:
+            # not awaited: feedback that reaches the buffer before the decision is held there until it arrives
+            for e in events:
+                self.shipper.submit(e.to_dict())
 
     async def _prepare(self, req: RouteRequest):
         await self._ensure_sync()
@@ -209,29 +263,60 @@ class Router:
             context=x.tolist(),
         )
 
+    def _timeout(self, model: str) -> ModelTimeout:
+        return ModelTimeout(f"model {model!r} did not answer within {self.cfg.router.model_timeout_s:g} s")
+
     async def route(self, req: RouteRequest) -> dict:
         x, d, model, decision_id = await self._prepare(req)
         async with self.queues[model]:
-            result: CompletionResult = await self.models[model].complete.remote(self._completion_request(req, x))
-        await self._emit(req, decision_id, model, d, x, result)
+            t0 = time.perf_counter()
+            call = self.models[model].complete.remote(self._completion_request(req, x))
+            try:
+                result: CompletionResult = await asyncio.wait_for(call, timeout=self.cfg.router.model_timeout_s)
+            except asyncio.TimeoutError:
+                call.cancel()
+                self._emit(req, decision_id, model, d, x, None, "timeout", time.perf_counter() - t0)
+                raise self._timeout(model) from None
+            except BackendError:
+                self._emit(req, decision_id, model, d, x, None, "error", time.perf_counter() - t0)
+                raise
+        self._emit(req, decision_id, model, d, x, result)
         return {"result": result, "routing": self._routing(decision_id, model, d, result.cost_usd)}
 
     async def route_stream(self, req: RouteRequest):
-        """Yields the routing dict first, then text chunks, then the final CompletionResult."""
+        """Yields the routing dict first, then text chunks, then the final CompletionResult. The timeout
+        bounds the whole stream; a failure mid-stream is logged as the decision's outcome and re-raised (the
+        status line has gone out by then: the client sees the stream end early)."""
         x, d, model, decision_id = await self._prepare(req)
         yield self._routing(decision_id, model, d, None)
         result = None
         async with self.queues[model]:
-            async for item in self.models[model].options(stream=True).stream.remote(self._completion_request(req, x)):
+            t0 = time.perf_counter()
+            deadline = time.monotonic() + self.cfg.router.model_timeout_s
+            gen = self.models[model].options(stream=True).stream.remote(self._completion_request(req, x))
+            while True:
+                try:
+                    item = await asyncio.wait_for(gen.__anext__(), timeout=max(0.0, deadline - time.monotonic()))
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    gen.cancel()
+                    self._emit(req, decision_id, model, d, x, None, "timeout", time.perf_counter() - t0)
+                    raise self._timeout(model) from None
+                except BackendError:
+                    self._emit(req, decision_id, model, d, x, None, "error", time.perf_counter() - t0)
+                    raise
                 if isinstance(item, CompletionResult):
                     result = item
                 yield item
-        await self._emit(req, decision_id, model, d, x, result)
+        self._emit(req, decision_id, model, d, x, result)
 
     async def check_health(self) -> None:
-        """Serve calls this every few seconds from the replica's loop: it also starts the weight sync, so an
-        idle replica follows the learner before its first request."""
+        """Serve calls this every few seconds from the replica's loop: it also starts the weight sync and
+        the decision shipper, so an idle replica follows the learner and delivers an adopted spill."""
         self._start_sync()
+        if self.shipper is not None:
+            self.shipper.start()
 
     def info(self) -> dict:
         return {
@@ -241,6 +326,7 @@ class Router:
             "queues": {m: {"waiting": q.waiting} for m, q in self.queues.items()},
             "tau": self.policy.tau,
             "weights": dict(self.weights),
+            "delivery": self.shipper.stats() if self.shipper is not None else None,
             "replica": self._replica(),
             "time": time.time(),
         }

@@ -4,6 +4,12 @@ Routers and the ingress find them by name (`get_or_create`), so every replica on
 same two actors. The learner runs its consume/update loop in a thread and answers `wait_for_weights`
 long-polls from routers: a router asks "newer than version v?" and the call returns as soon as there is one,
 so new weights reach every router replica without the learner knowing where the replicas are.
+
+The learner is an async actor: its event loop serves the long-polls, so nothing on the loop may block. The
+learner thread holds `lock` through an update, pickling, commit and save; every method that needs the lock
+(or reads the log) hands that work to a thread (`asyncio.to_thread`). `published` is one tuple swapped by
+reference, read without the lock. Each version is put in the object store once (`ray.put`) and pollers get
+its reference, so 64 pollers do not pickle 64 copies of LinUCB's 13 MB of matrices.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +33,41 @@ NAMESPACE = "banditrouter"
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class BufferActor:
-    def __init__(self, path: str, retrial_similarity: float, retrial_window_s: float):
+    """The one owner of the event log (`learner.buffer.EventBuffer`). Calls are retried across a restart
+    (`max_task_retries=-1`); every append is idempotent by event id, so a retried call is harmless."""
+
+    def __init__(
+        self,
+        path: str,
+        retrial_similarity: float,
+        retrial_window_s: float,
+        feedback_hold_s: float = 30.0,
+        max_held_feedback: int = 10_000,
+        max_tracked_users: int = 100_000,
+    ):
         from learner.buffer import EventBuffer
 
-        self.buffer = EventBuffer(path, retrial_similarity, retrial_window_s)
+        self.buffer = EventBuffer(
+            path,
+            retrial_similarity,
+            retrial_window_s,
+            feedback_hold_s=feedback_hold_s,
+            max_held_feedback=max_held_feedback,
+            max_tracked_users=max_tracked_users,
+        )
         self._last_sweep = time.time()
 
     def append_decisions(self, events: list[dict[str, Any]]) -> int:
+        """Decisions, and the error/timeout outcomes routers observe, in batches from router replicas."""
         return self.buffer.append_decisions(events)
 
     def add_feedback(self, decision_id: str, score: Any, event_id: str | None = None) -> dict[str, Any]:
+        """{"code": 200 recorded/duplicate | 202 held | 4xx refused, ...}: the status the ingress answers."""
         from learner.buffer import FeedbackRefused
 
         try:
-            return {"code": 200, **self.buffer.add_feedback(decision_id, score, event_id)}
+            out = self.buffer.add_feedback(decision_id, score, event_id)
+            return {"code": 202 if out["status"] == "held" else 200, **out}
         except FeedbackRefused as e:
             return {"code": e.status, "status": "refused", "reason": e.reason, "message": str(e)}
 
@@ -59,9 +87,10 @@ class BufferActor:
         return self.buffer.log.event_ids()
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=64)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=1024)
 class LearnerActor:
-    """Async actor: `wait_for_weights` long-polls run concurrently; learning runs in a thread."""
+    """Async actor: `wait_for_weights` long-polls run concurrently on its loop (up to `max_concurrency`
+    calls at once: every router replica keeps one open); learning runs in a thread."""
 
     def __init__(self, cfg: AppConfig):
         from banditrouter.policies import load_checkpoint, untrained_like
@@ -90,13 +119,29 @@ class LearnerActor:
         self.metrics = LearnerMetrics()
         self._last_stats = 0.0
         self.core.restore(lambda after, limit: ray.get(self.buffer.read.remote(after, limit)))
-        self.published = self._publish()
-        self.installs: list[dict[str, Any]] = []
+        self._event_loop: asyncio.AbstractEventLoop | None = None  # the actor's loop, once a poller is on it
+        self._changed = asyncio.Event()  # set (and replaced) on every publish; pollers wait on it
+        self.published: tuple[int, ray.ObjectRef] = self._publish()
+        self.installs: deque[dict[str, Any]] = deque(maxlen=lc.installs_kept)
         self.thread = threading.Thread(target=self._loop, name="learner", daemon=True)
         self.thread.start()
 
-    def _publish(self) -> tuple[int, dict[str, Any]]:
-        return (self.core.policy.version, self.core.policy.state_dict())
+    def _publish(self) -> tuple[int, ray.ObjectRef]:
+        """The current policy as (version, object ref), put in the object store once; wakes the pollers.
+        Runs in the learner thread (or a worker thread): it only schedules the wake-up on the loop."""
+        published = (self.core.policy.version, ray.put(self.core.policy.state_dict()))
+        self.published = published
+        loop = self._event_loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the loop is closed: the actor is going away
+                pass
+        return published
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def _observe(self, rows) -> None:
         for _, ev in rows:
@@ -139,7 +184,7 @@ class LearnerActor:
                 if self.core.update(commit=False) is not None:
                     # publish, then commit: routers do not wait for the disk. A crash in between re-derives
                     # the same events' update after restart (the commit has not moved the offset).
-                    self.published = self._publish()
+                    self._publish()
                     self.core.commit()
                     self.metrics.version.set(self.core.policy.version)
                     self.metrics.reward.set(float(np.mean(self.core.last_rewards)))
@@ -149,18 +194,26 @@ class LearnerActor:
         self._observe(rows)
 
     # -- routers ----------------------------------------------------------------------------------------------
-    async def wait_for_weights(self, known_version: int, timeout_s: float = 10.0) -> tuple[int, dict[str, Any]] | None:
+    async def wait_for_weights(self, known_version: int, timeout_s: float = 10.0) -> tuple[int, ray.ObjectRef] | None:
+        """(version, object ref of its state dict) as soon as the published version differs from
+        `known_version`; None after `timeout_s`. Waits on an event the publisher sets: no polling, no lock."""
+        self._event_loop = asyncio.get_running_loop()
         end = time.monotonic() + timeout_s
         while True:
-            version, state = self.published
+            changed = self._changed  # taken before reading `published`: a publish after the read sets it
+            version, ref = self.published
             if version != known_version:
-                return version, state
-            if time.monotonic() >= end:
+                return version, ref
+            remaining = end - time.monotonic()
+            if remaining <= 0:
                 return None
-            await asyncio.sleep(0.02)
+            try:  # the 1 s slice only matters for a publish made before the loop was known
+                await asyncio.wait_for(changed.wait(), timeout=min(remaining, 1.0))
+            except asyncio.TimeoutError:
+                pass
 
-    def report_install(self, replica: str, version: int, installed_at: float) -> None:
-        caused = self.core.version_feedback_time.get(version)
+    async def report_install(self, replica: str, version: int, installed_at: float) -> None:
+        caused = self.core.version_feedback_time.get(version)  # a dict read: no lock needed
         self.installs.append(
             {
                 "replica": replica,
@@ -170,18 +223,31 @@ class LearnerActor:
             }
         )
 
-    # -- operators --------------------------------------------------------------------------------------------
-    def reset(self) -> int:
+    # -- operators (each takes the lock in a worker thread: the loop keeps serving pollers) ----------------------
+    async def reset(self) -> int:
         """Cold start: replace the policy with an untrained one (version continues); routers install it."""
+        self._event_loop = asyncio.get_running_loop()
+        return await asyncio.to_thread(self._reset)
+
+    def _reset(self) -> int:
         from banditrouter.policies import untrained_like
 
         with self.lock:
             self.core.reset(untrained_like(self.core.policy))
-            self.published = self._publish()
+            self._publish()
             return self.core.policy.version
 
-    def stats(self) -> dict[str, Any]:
-        st = [i["staleness_s"] for i in self.installs if i["staleness_s"] is not None]
+    async def stats(self) -> dict[str, Any]:
+        self._event_loop = asyncio.get_running_loop()
+        st = [i["staleness_s"] for i in list(self.installs) if i["staleness_s"] is not None]
+        return {
+            **await asyncio.to_thread(self._core_stats),
+            "staleness_p50_s": float(np.percentile(st, 50)) if st else None,
+            "staleness_p95_s": float(np.percentile(st, 95)) if st else None,
+            "installs": len(self.installs),
+        }
+
+    def _core_stats(self) -> dict[str, Any]:
         with self.lock:
             return {
                 "policy": self.core.policy.name,
@@ -192,28 +258,36 @@ class LearnerActor:
                 "waiting_samples": len(self.core.samples),
                 "counts": dict(self.core.counts),
                 "checkpoint": str(self.core.export_path),
-                "staleness_p50_s": float(np.percentile(st, 50)) if st else None,
-                "staleness_p95_s": float(np.percentile(st, 95)) if st else None,
-                "installs": len(self.installs),
                 "tau": self.core.policy.tau,
             }
 
-    def installs_log(self) -> list[dict[str, Any]]:
+    async def installs_log(self) -> list[dict[str, Any]]:
         return list(self.installs)
 
-    def consumed_ids(self) -> list[str]:
-        with self.lock:
-            return self.core.consumed_ids()
+    async def consumed_ids(self) -> list[str]:
+        def read() -> list[str]:
+            with self.lock:
+                return self.core.consumed_ids()
 
-    def flush(self) -> dict[str, Any]:
+        return await asyncio.to_thread(read)
+
+    async def flush(self) -> dict[str, Any]:
         """Consume everything in the log now and commit (end of a run, tests)."""
+        self._event_loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._flush)
+        return await self.stats()
+
+    def _flush(self, chunk: int = 5000) -> None:
         with self.lock:
-            self.core.consume(ray.get(self.buffer.read.remote(self.core.seen, 1_000_000)))
+            while True:  # in chunks: the log can hold a million rows
+                rows = ray.get(self.buffer.read.remote(self.core.seen, chunk))
+                self.core.consume(rows)
+                if len(rows) < chunk:
+                    break
             if self.core.samples:
                 if self.core.update() is not None:
-                    self.published = self._publish()
+                    self._publish()
             self.core.commit(export=True)
-        return self.stats()
 
 
 def _get_or_create(actor_cls, name: str, *args):
@@ -223,7 +297,14 @@ def _get_or_create(actor_cls, name: str, *args):
 def get_or_create_buffer(cfg: AppConfig):
     lc = cfg.learning
     return _get_or_create(
-        BufferActor, BUFFER_NAME, str(Path(lc.state_dir) / "events.sqlite"), lc.retrial_similarity, lc.retrial_window_s
+        BufferActor,
+        BUFFER_NAME,
+        str(Path(lc.state_dir) / "events.sqlite"),
+        lc.retrial_similarity,
+        lc.retrial_window_s,
+        lc.feedback_hold_s,
+        lc.max_held_feedback,
+        lc.max_tracked_users,
     )
 
 

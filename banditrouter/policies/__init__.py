@@ -4,6 +4,7 @@ this package does not import torch)."""
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,18 @@ def untrained_like(policy: Policy, seed: int = 0) -> Policy:
     return make_policy(policy.name, policy.models, policy.context_dim, policy.tau, seed=seed, **policy._config())
 
 
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory, so that a rename or a new file in it survives a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(policy: Policy, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write atomically (tmp file + rename): a reader never sees half a checkpoint."""
+    """Write atomically and durably: tmp file, fsync, rename over `path`, fsync the folder. A reader never
+    sees half a checkpoint, and after a power loss `path` holds the old or the new one, whole."""
     import numpy as np
     import torch
 
@@ -53,8 +64,12 @@ def save_checkpoint(policy: Policy, path: str | Path, extra: dict[str, Any] | No
     if extra:
         state["extra"] = extra
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
     return path
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from banditrouter.policies.base import BanditBatch, Decisions, Policy, deterministic
+from banditrouter.policies.base import BanditBatch, Decisions, Policy, StateError, deterministic
 from banditrouter.reward import normalised_cost
 
 
@@ -151,6 +151,53 @@ class BaRP(Policy):
         super().take_random_state(other)
         self.generator = other.generator
 
+    def training_state(self):
+        """Adds Adam's per-parameter moments and step counts, the torch Generator that samples arms, and the
+        EMA's `n_averaged`, so a restored learner continues exactly (see Policy.training_state)."""
+        arrays, meta = super().training_state()
+        arrays["generator"] = self.generator.get_state().numpy().copy()
+        opt = self.optimizer.state_dict()
+        for i, st in opt["state"].items():
+            for k, v in st.items():
+                arrays[f"optimizer.{i}.{k}"] = v.detach().numpy().copy() if torch.is_tensor(v) else np.asarray(v)
+        meta["optimizer"] = {
+            "param_groups": [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in opt["param_groups"]],
+            "stepped": sorted(int(i) for i in opt["state"]),
+        }
+        if self.averaged is not None:
+            arrays["averaged.n_averaged"] = self.averaged.n_averaged.numpy().copy()
+        return arrays, meta
+
+    def load_training_state(self, arrays, meta):
+        super().load_training_state(arrays, meta)
+        gen = arrays.get("generator")
+        ref = self.generator.get_state()
+        if gen is None or gen.dtype != np.uint8 or tuple(gen.shape) != tuple(ref.shape):
+            raise StateError("training state holds no torch Generator state of the right shape")
+        opt_meta = meta.get("optimizer") or {}
+        groups, stepped = opt_meta.get("param_groups"), opt_meta.get("stepped", [])
+        current = self.optimizer.state_dict()
+        if not isinstance(groups, list) or [g.get("params") for g in groups] != [g["params"] for g in current["param_groups"]]:
+            raise StateError("training state's optimizer does not fit this network")
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        state = {}
+        for i in stepped:
+            st = {k.split(".", 2)[2]: v for k, v in arrays.items() if k.startswith(f"optimizer.{i}.")}
+            if not 0 <= i < len(params) or {"step", "exp_avg", "exp_avg_sq"} - set(st):
+                raise StateError(f"training state's optimizer entry {i} is incomplete")
+            for k in ("exp_avg", "exp_avg_sq"):
+                if tuple(st[k].shape) != tuple(params[i].shape) or not np.isfinite(st[k]).all():
+                    raise StateError(f"optimizer {k} of parameter {i} has shape {st[k].shape}, expected {tuple(params[i].shape)}")
+            state[i] = {k: torch.from_numpy(np.array(v)) for k, v in st.items()}
+        n_avg = arrays.get("averaged.n_averaged")
+        if self.averaged is not None and (n_avg is None or n_avg.size != 1):
+            raise StateError("training state holds no EMA count")
+        groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in groups]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        self.generator.set_state(torch.from_numpy(gen.copy()))
+        if self.averaged is not None:
+            self.averaged.n_averaged.fill_(int(n_avg.reshape(())))
+
     def _params(self):
         params = {k: v.detach().numpy().copy() for k, v in self.net.state_dict().items()}
         if self.averaged is not None:
@@ -165,7 +212,10 @@ class BaRP(Policy):
                 {k[len("averaged.") :]: v for k, v in tensors.items() if k.startswith("averaged.")}
             )
             self.averaged.n_averaged.fill_(1)  # the next update averages instead of copying
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=self.config.lr)
+        # New parameters, fresh moments: clear Adam's state in place (the same optimizer object, still bound to
+        # the same parameter tensors, which load_state_dict copied into). A learner continuing its own training
+        # restores the moments afterwards with load_training_state.
+        self.optimizer.state.clear()
 
     def _config(self):
         return asdict(self.config)

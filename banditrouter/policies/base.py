@@ -124,6 +124,22 @@ class Policy(ABC):
         would replay the same exploration draws after each install."""
         self.rng = other.rng
 
+    # -- training state -----------------------------------------------------------------------------------
+    def training_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """What a learner must save besides `state_dict()` to continue exactly as if it had never stopped:
+        the random streams and the optimizer, as (arrays, JSON-able metadata); no pickled objects. The base
+        covers `self.rng` (numpy Generator state); subclasses add theirs (BaRP: Adam moments and step
+        counts, the torch Generator, the EMA count). Load it after `load_state_dict`, which resets them."""
+        return {}, {"rng": self.rng.bit_generator.state}
+
+    def load_training_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Restore `training_state()`. Raises StateError when it does not fit this policy (then the policy
+        may hold a partly restored training state: reload it or discard the policy)."""
+        state = meta.get("rng")
+        if not isinstance(state, dict) or state.get("bit_generator") != type(self.rng.bit_generator).__name__:
+            raise StateError(f"training state holds no {type(self.rng.bit_generator).__name__} random state")
+        self.rng.bit_generator.state = state
+
     # -- the contract -----------------------------------------------------------------------------------
     @abstractmethod
     def select(self, contexts: np.ndarray, preferences: np.ndarray, *, explore: bool = False) -> Decisions:
@@ -146,6 +162,9 @@ class Policy(ABC):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load parameters, tau and version (validated first: on StateError nothing changed). Parameters only:
+        an optimizer starts afresh on new parameters; `load_training_state` restores it and the random
+        streams of a policy that is to continue training exactly."""
         if state.get("policy") != self.name:
             raise StateError(f"checkpoint is for policy {state.get('policy')!r}, not {self.name!r}")
         if tuple(state.get("models", ())) != self.models:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from banditrouter.policies.base import BanditBatch, Policy, linear_features
+from banditrouter.policies.base import BanditBatch, Policy, StateError, linear_features
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,19 @@ class DisjointLinear(Policy):
         self.A_inv = np.linalg.inv(self.A)
         self.theta = np.einsum("kde,ke->kd", self.A_inv, self.b)
         self._since_refresh[:] = 0
+
+    def training_state(self):
+        """Adds each arm's count of Woodbury updates since its last exact inversion (the refresh schedule)."""
+        arrays, meta = super().training_state()
+        arrays["since_refresh"] = self._since_refresh.copy()
+        return arrays, meta
+
+    def load_training_state(self, arrays, meta):
+        since = arrays.get("since_refresh")
+        if since is None or since.shape != self._since_refresh.shape:
+            raise StateError(f"training state holds no since_refresh of shape {self._since_refresh.shape}")
+        super().load_training_state(arrays, meta)
+        self._since_refresh = since.astype(np.int64)
 
     def _config(self):
         return dict(self.config.__dict__)

@@ -7,6 +7,8 @@ routing at the preference extremes can be compared with what the same policy dec
 from __future__ import annotations
 
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -155,3 +157,82 @@ def test_decisions_are_recorded(client):
     events = requests.get(f"{BASE}/v1/routing/events", params={"n": 50}, timeout=30).json()["events"]
     ev = next(e for e in events if e["decision_id"] == r.model_extra["routing"]["decision_id"])
     assert ev["model"] == r.model and len(ev["context"]) == 384 and ev["event_id"]
+
+
+class _Refusing(BaseHTTPRequestHandler):
+    """An OpenAI-compatible upstream that refuses every request (400: not retried, the replica stays healthy)."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        body = json.dumps({"error": {"message": "model overloaded", "type": "invalid_request_error"}}).encode()
+        self.send_response(400)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def failing(service, tmp_path_factory):
+    """A second app, under /failing: a random router over a model that always fails (its upstream refuses)
+    and one that takes 30 s (replay with simulated latency), with `router.model_timeout_s: 1`."""
+    from ray import serve
+
+    from banditrouter.config import load_config
+    from banditrouter.policies import make_policy, save_checkpoint
+    from deployments.app import build_app
+
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    pool = ["claude-v1", "refusing"]
+    ckpt = save_checkpoint(make_policy("random", pool, 384, tau=0.01), tmp_path_factory.mktemp("failing") / "random.pt")
+    cfg = load_config(
+        {
+            "policy": {"name": "random", "checkpoint": str(ckpt), "explore": True},
+            "embedder": {"ray_actor_options": {"num_cpus": 0.1}},
+            "router": {"model_timeout_s": 1.0, "ray_actor_options": {"num_cpus": 0.1}},
+            "models": [
+                {"name": "claude-v1", "replay": {"simulate_latency": True, "base_latency_s": 30}},
+                {
+                    "name": "refusing",
+                    "backend": "openai",
+                    "openai": {"base_url": f"http://127.0.0.1:{upstream.server_port}/v1", "max_retries": 0},
+                    "input_price_per_mtok": 1.0,
+                    "output_price_per_mtok": 1.0,
+                },
+            ],
+        }
+    )
+    serve.run(build_app(cfg), name="failing", route_prefix="/failing")
+    yield cfg
+    serve.delete("failing")
+    upstream.shutdown()
+
+
+def test_failed_and_timed_out_model_calls_are_502_504_and_logged_as_outcomes(failing, service):
+    """A routed call whose model fails answers 502, one that runs past router.model_timeout_s 504 (same
+    error JSON), and both are logged as decisions with that outcome (cost 0) plus an outcome event of that
+    kind with value 0, so a learning policy sees that the arm fails."""
+    seen: dict[int, requests.Response] = {}
+    for k in range(20):  # the router picks uniformly between the two: both show up within a few requests
+        r = requests.post(f"{BASE}/failing/v1/chat/completions", json=OK, headers={"x-request-id": f"failing-{k}"}, timeout=60)
+        seen.setdefault(r.status_code, r)
+        if {502, 504} <= set(seen):
+            break
+    assert set(seen) == {502, 504}, {k: v.text for k, v in seen.items()}
+    for status, kind, code in ((502, "upstream_error", None), (504, "timeout_error", "model_timeout")):
+        err = seen[status].json()["error"]
+        assert (err["type"], err["code"]) == (kind, code) and err["message"]
+        assert err["request_id"] == seen[status].headers["x-request-id"]
+    assert "did not answer within 1 s" in seen[504].json()["error"]["message"]
+    events = requests.get(f"{BASE}/failing/v1/routing/events", params={"n": 200}, timeout=30).json()["events"]
+    decisions = {e["decision_id"]: e for e in events if e["kind"] == "decision"}
+    outcomes = {e["decision_id"]: e for e in events if e["kind"] in ("error", "timeout")}
+    assert {e["outcome"] for e in decisions.values()} == {"error", "timeout"}
+    for d, e in decisions.items():
+        assert e["model"] == ("refusing" if e["outcome"] == "error" else "claude-v1") and e["cost_usd"] == 0.0
+        assert (outcomes[d]["kind"], outcomes[d]["value"]) == (e["outcome"], 0.0)
+    assert _chat(OK).status_code == 200  # the main app is unaffected

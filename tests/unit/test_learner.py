@@ -96,7 +96,7 @@ def test_non_finite_update_is_rolled_back(tmp_path, rng):
     _feed(buf, rng, 4)
     ln = _learner(tmp_path)
     ln.consume(buf.log.read(0))
-    ln.samples[0][0]["context"] = [float("inf")] * 8  # a poisoned context slipped past the router
+    ln.samples[0].decision.context[:] = np.inf  # a poisoned context slipped past every check
     before = ln.policy.state_dict()
     assert ln.update() is None and ln.counts["rejected_update"] == 1
     after = ln.policy.state_dict()
