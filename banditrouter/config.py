@@ -126,6 +126,34 @@ class LearningConfig(_Strict):
     delivery_queue_size: int = Field(
         10_000, ge=1, description="Decisions a router replica queues in memory for the buffer; beyond it they go to the spill."
     )
+    learn_from_failures: bool = Field(
+        True, description="A decision whose model call errored or timed out is a sample with score 0 (cost as incurred)."
+    )
+    pending_horizon_s: float = Field(
+        3600.0, gt=0, description="The learner forgets a decision that got no outcome within this long (log time)."
+    )
+    max_pending: int = Field(
+        100_000, ge=1, description="Decisions the learner keeps waiting for an outcome (~1.7 KB each); the oldest go first."
+    )
+    retention_s: float | None = Field(
+        86_400.0,
+        gt=0,
+        description="Compact the event log: delete consumed events older than this (None: keep everything). Keep it at"
+        " least pending_horizon_s; offsets stay valid.",
+    )
+    compact_every_s: float = Field(60.0, gt=0, description="How often the learner asks the buffer to compact the log.")
+    commit_every_s: float = Field(
+        5.0, gt=0, description="Under traffic that brings no learnable outcome, the learner still commits its offset this often."
+    )
+
+    @model_validator(mode="after")
+    def _retention_outlives_pending(self):
+        if self.retention_s is not None and self.retention_s < self.pending_horizon_s:
+            raise ValueError(
+                f"learning.retention_s ({self.retention_s}) must be at least learning.pending_horizon_s "
+                f"({self.pending_horizon_s}): a decision still waiting for its outcome must stay in the log"
+            )
+        return self
 
 
 class ReplayBackendConfig(_Strict):

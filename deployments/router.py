@@ -27,7 +27,7 @@ from ray import serve
 from banditrouter.config import AppConfig
 from banditrouter.embeddings import text_key
 from banditrouter.schemas import DecisionEvent, FeedbackEvent, new_id
-from deployments.backends import BackendError, CompletionRequest, CompletionResult
+from deployments.backends import CompletionRequest, CompletionResult
 from deployments.events import make_sink
 
 logger = logging.getLogger("ray.serve")
@@ -82,7 +82,7 @@ class Router:
 
         self.cfg = cfg
         # its own random stream per replica: exploring replicas must not draw the same arms in lockstep
-        self.policy = load_checkpoint(cfg.policy.checkpoint, seed=secrets.randbits(31))
+        self.policy = load_checkpoint(cfg.policy.checkpoint, seed=secrets.randbits(31), expect=cfg.policy.name)
         missing = [m for m in self.policy.models if m not in models]
         if missing:
             raise ValueError(f"policy {cfg.policy.checkpoint} routes to {missing}, which the pool does not serve")
@@ -277,7 +277,7 @@ class Router:
                 call.cancel()
                 self._emit(req, decision_id, model, d, x, None, "timeout", time.perf_counter() - t0)
                 raise self._timeout(model) from None
-            except BackendError:
+            except Exception:  # BackendError, a dead model replica (RayActorError), anything: the arm failed
                 self._emit(req, decision_id, model, d, x, None, "error", time.perf_counter() - t0)
                 raise
         self._emit(req, decision_id, model, d, x, result)
@@ -303,7 +303,7 @@ class Router:
                     gen.cancel()
                     self._emit(req, decision_id, model, d, x, None, "timeout", time.perf_counter() - t0)
                     raise self._timeout(model) from None
-                except BackendError:
+                except Exception:  # BackendError, a dead model replica, anything: the arm failed
                     self._emit(req, decision_id, model, d, x, None, "error", time.perf_counter() - t0)
                     raise
                 if isinstance(item, CompletionResult):

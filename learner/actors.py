@@ -80,6 +80,17 @@ class BufferActor:
     def sweep(self, now: float | None = None) -> int:
         return self.buffer.sweep(now)
 
+    def log_id(self) -> str:
+        """The log's identity (a new file has a new one): the learner checks it against its commit."""
+        return self.buffer.log.log_id()
+
+    def compact(self, below_seq: int, older_than_s: float) -> int:
+        """Retention: delete consumed events (seq < below_seq, the learner's safe floor) older than older_than_s."""
+        return self.buffer.log.compact(below_seq, older_than_s)
+
+    def first_seq(self) -> int:
+        return self.buffer.log.first_seq()
+
     def stats(self) -> dict[str, Any]:
         return self.buffer.stats()
 
@@ -98,7 +109,7 @@ class LearnerActor:
 
         lc = cfg.learning
         self.cfg = cfg
-        policy = load_checkpoint(cfg.policy.checkpoint)
+        policy = load_checkpoint(cfg.policy.checkpoint, expect=cfg.policy.name)
         if lc.cold_start:
             policy = untrained_like(policy)
         self.buffer = get_or_create_buffer(cfg)
@@ -111,6 +122,9 @@ class LearnerActor:
                 train_on_implicit=lc.train_on_implicit,
                 replay_steps=lc.replay_steps,
                 replay_relabel=lc.replay_relabel,
+                learn_from_failures=lc.learn_from_failures,
+                pending_horizon_s=lc.pending_horizon_s,
+                max_pending=lc.max_pending,
             ),
         )
         self.lock = threading.Lock()
@@ -118,7 +132,8 @@ class LearnerActor:
 
         self.metrics = LearnerMetrics()
         self._last_stats = 0.0
-        self.core.restore(lambda after, limit: ray.get(self.buffer.read.remote(after, limit)))
+        self._last_compact = self._last_commit = time.monotonic()
+        self.core.restore(self._read, ray.get(self.buffer.log_id.remote()))
         self._event_loop: asyncio.AbstractEventLoop | None = None  # the actor's loop, once a poller is on it
         self._changed = asyncio.Event()  # set (and replaced) on every publish; pollers wait on it
         self.published: tuple[int, ray.ObjectRef] = self._publish()
@@ -159,39 +174,80 @@ class LearnerActor:
             for reason, n in st["refused"].items():
                 self.metrics.refused.set(n, tags={"reason": reason})
 
+    def _read(self, after: int, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        return ray.get(self.buffer.read.remote(after, limit))
+
     def _loop(self) -> None:
         interval = self.cfg.learning.poll_interval_s
+        buffer_lost = False
         while True:
             try:
-                rows = ray.get(self.buffer.read.remote(self.core.seen, 2000))
+                if buffer_lost:  # it may have come back with another file: check before reading on
+                    log_id = ray.get(self.buffer.log_id.remote())
+                    with self.lock:
+                        self.core.check_log(self._read, log_id)
+                    buffer_lost = False
+                # from one event before `seen`: the first row proves the log still holds what was read
+                rows = self._read(self.core.read_after(), 2000)
             except Exception:  # the buffer is restarting; try again
+                buffer_lost = True
                 time.sleep(interval)
                 continue
+            new = 0
             try:
-                self._step(rows)
+                new = self._step(rows)
+                self._retention()
             except Exception as e:  # never let the loop die silently: log, count, go on
                 import logging
 
                 logging.getLogger(__name__).exception("learner step failed: %s", e)
                 self.core.counts["step_errors"] += 1
-            if not rows:
+            if not new:
                 time.sleep(interval)
 
-    def _step(self, rows) -> None:
+    def _retention(self) -> None:
+        """Every `compact_every_s`: the buffer deletes consumed events older than `retention_s` below the
+        learner's safe floor (committed, and no longer needed to rebuild pending decisions or replay); the
+        learner forgets the consumed ids of what was deleted."""
+        lc = self.cfg.learning
+        if lc.retention_s is None or time.monotonic() - self._last_compact < lc.compact_every_s:
+            return
+        self._last_compact = time.monotonic()
         with self.lock:
-            self.core.consume(rows)
+            floor = self.core.compaction_floor()
+        deleted = ray.get(self.buffer.compact.remote(floor, lc.retention_s))
+        if deleted:
+            first = ray.get(self.buffer.first_seq.remote())
+            with self.lock:
+                self.core.prune_consumed(first)
+            self.core.counts["compacted_events"] += deleted
+
+    def _step(self, rows) -> int:
+        with self.lock:
+            seen = self.core.seen
+            new = self.core.consume(rows, self._read)
             if self.core.ready():
                 if self.core.update(commit=False) is not None:
                     # publish, then commit: routers do not wait for the disk. A crash in between re-derives
                     # the same events' update after restart (the commit has not moved the offset).
                     self._publish()
                     self.core.commit()
+                    self._last_commit = time.monotonic()
                     self.metrics.version.set(self.core.policy.version)
                     self.metrics.reward.set(float(np.mean(self.core.last_rewards)))
                     self.metrics.samples.inc(float(len(self.core.last_rewards)))
-            elif self.core._uncommitted and not self.core.samples and not rows:
-                self.core.commit()  # idle: record what was read (decisions without outcomes yet)
-        self._observe(rows)
+            elif (
+                self.core._uncommitted
+                and not self.core.samples
+                and (not new or time.monotonic() - self._last_commit >= self.cfg.learning.commit_every_s)
+            ):
+                # record what was read (decisions without outcomes yet): when idle, and at least every
+                # commit_every_s under traffic that brings no learnable outcome (else the offset, the
+                # compaction floor and the uncommitted list would stand still while the log grows)
+                self.core.commit()
+                self._last_commit = time.monotonic()
+        self._observe([(s, ev) for s, ev in rows if s > seen])
+        return new
 
     # -- routers ----------------------------------------------------------------------------------------------
     async def wait_for_weights(self, known_version: int, timeout_s: float = 10.0) -> tuple[int, ray.ObjectRef] | None:
@@ -280,9 +336,8 @@ class LearnerActor:
     def _flush(self, chunk: int = 5000) -> None:
         with self.lock:
             while True:  # in chunks: the log can hold a million rows
-                rows = ray.get(self.buffer.read.remote(self.core.seen, chunk))
-                self.core.consume(rows)
-                if len(rows) < chunk:
+                rows = self._read(self.core.read_after(), chunk)
+                if not self.core.consume(rows, self._read) and len(rows) < chunk:
                     break
             if self.core.samples:
                 if self.core.update() is not None:

@@ -55,8 +55,9 @@ class ExpiringCache(TTLCache):
         ttl: float,
         on_expire: Callable[[Any, Any], None] | None = None,
         on_evict: Callable[[Any, Any], None] | None = None,
+        timer: Callable[[], float] = time.time,
     ):
-        super().__init__(maxsize, ttl, timer=time.time)
+        super().__init__(maxsize, ttl, timer=timer)
         self._on_expire, self._on_evict = on_expire, on_evict
 
     def expire(self, time=None):
@@ -115,8 +116,11 @@ class EventBuffer:
         feedback_hold_s: float = 30.0,
         max_held_feedback: int = 10_000,
         max_tracked_users: int = 100_000,
+        clock: Callable[[], float] = time.time,
     ):
+        """`clock` is the buffer's notion of now (wall time; a simulation or a soak passes its own)."""
         self.log = SQLiteEventLog(path)
+        self.clock = clock
         self.theta, self.window, self.hold_s = retrial_similarity, retrial_window_s, feedback_hold_s
         self.refused: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
@@ -125,16 +129,17 @@ class EventBuffer:
         self.holds: Counter[str] = Counter()
         """Feedback that came before its decision: held, released (recorded when it came), expired."""
         self._last_by_user: ExpiringCache = ExpiringCache(
-            max_tracked_users, retrial_window_s, on_evict=lambda *_: self.dropped.update(["user_state"])
+            max_tracked_users, retrial_window_s, on_evict=lambda *_: self.dropped.update(["user_state"]), timer=clock
         )
         self._awaiting_acceptance: ExpiringCache = ExpiringCache(  # decision_id -> time, for decisions with a user
             max_tracked_users,
             retrial_window_s,
             on_expire=self._accept,
             on_evict=lambda *_: self.dropped.update(["awaiting_acceptance"]),
+            timer=clock,
         )
         self._held_store = _HeldStore(self.log.path.with_name(self.log.path.name + ".held.sqlite"))
-        self._held: ExpiringCache = ExpiringCache(max_held_feedback, feedback_hold_s, on_expire=self._hold_expired)
+        self._held: ExpiringCache = ExpiringCache(max_held_feedback, feedback_hold_s, on_expire=self._hold_expired, timer=clock)
         self._restore_holds()
 
     # -- decisions ------------------------------------------------------------------------------------------
@@ -168,7 +173,7 @@ class EventBuffer:
         user, ctx = e.get("user"), e.get("context")
         if not user or ctx is None or e.get("outcome", "ok") != "ok":
             return  # a failed call is labelled by its own outcome event: never `accepted`
-        x, now = np.asarray(ctx, dtype=np.float32), float(e.get("time") or time.time())
+        x, now = np.asarray(ctx, dtype=np.float32), float(e.get("time") or self.clock())
         prev = self._last_by_user.get(user)
         if prev is not None:
             prev_id, prev_x, prev_t = prev
@@ -187,7 +192,7 @@ class EventBuffer:
     def sweep(self, now: float | None = None) -> int:
         """Decisions with a user and no retrial within T count as accepted; expired holds are refused as
         unknown_decision. Returns how many decisions were accepted."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         self._held.expire(now)
         self._last_by_user.expire(now)
         return len(self._awaiting_acceptance.expire(now))
@@ -213,14 +218,17 @@ class EventBuffer:
             return self._hold(decision_id, float(score), event_id)
         return self._record(decision_id, float(score), event_id)
 
-    def _record(self, decision_id: str, score: float, event_id: str | None) -> dict[str, Any]:
+    def _record(self, decision_id: str, score: float, event_id: str | None, at: float | None = None) -> dict[str, Any]:
+        """`at`: when the feedback reached the buffer (a released hold's own time, so staleness counts the hold)."""
         earlier = [v for k, v in self.log.outcomes(decision_id) if k == "explicit"]
         if earlier:
             if math.isclose(earlier[0], score, abs_tol=1e-12):
                 self.refused["replay"] += 1
                 return {"status": "duplicate", "decision_id": decision_id}
             self._refuse(409, "conflict", f"decision {decision_id!r} already has score {earlier[0]}; scores are final")
-        ev = FeedbackEvent(decision_id, "explicit", score, **({"event_id": event_id} if event_id else {}))
+        ev = FeedbackEvent(
+            decision_id, "explicit", score, **({"event_id": event_id} if event_id else {}), **({"time": at} if at else {})
+        )
         self._append_outcome(ev.to_dict())
         return {"status": "recorded", "decision_id": decision_id, "event_id": ev.event_id}
 
@@ -237,7 +245,7 @@ class EventBuffer:
             self._refuse(409, "conflict", f"decision {decision_id!r} already has score {held['score']} (held); scores are final")
         if len(self._held) >= self._held.maxsize:
             self._refuse(404, "unknown_decision", unknown + f"; {self._held.maxsize} feedbacks already wait for theirs")
-        hold = {"event_id": event_id or FeedbackEvent(decision_id, "explicit").event_id, "score": score, "received": time.time()}
+        hold = {"event_id": event_id or FeedbackEvent(decision_id, "explicit").event_id, "score": score, "received": self.clock()}
         self._held_store.put(decision_id, hold)
         self._held[decision_id] = hold
         self.holds["held"] += 1
@@ -251,7 +259,7 @@ class EventBuffer:
         if hold is None:
             return
         try:
-            self._record(decision_id, hold["score"], hold["event_id"])
+            self._record(decision_id, hold["score"], hold["event_id"], at=hold["received"])
         except FeedbackRefused:
             pass  # counted by _refuse, as it would have been had the feedback come after the decision
         # forgotten only once recorded: if the append failed, the hold (and its durable row) stays

@@ -74,18 +74,21 @@ class LearnerSettings:
     """Learn from retrial (score 0) / accepted (score 1) when no explicit score came."""
     learn_from_failures: bool = True
     """A decision whose model call failed (`error` / `timeout` event, logged by the router) is a sample with
-    score 0, whatever `train_on_implicit` says. Off: failed calls never train the policy (their decisions
-    are not kept waiting, so a later explicit score for them is ignored too)."""
+    score 0 and the full cost scale (c~ = 1: the worst reward, -w_c), whatever `train_on_implicit` says.
+    Off: failed calls never train the policy (their decisions are not kept waiting, so a later explicit
+    score for them is ignored too)."""
     max_pending: int = 100_000
     """Decisions waiting for an outcome; the oldest are dropped beyond this. ~1.7 KB each with 384-wide
     contexts (float32), so the default caps them near 170 MB."""
     pending_horizon_s: float = 3600.0
     """A decision waiting longer than this (log time: the `received` stamps of later events) is dropped;
     an outcome arriving after that is ignored (counted as `expired_pending`)."""
-    resolved_capacity: int = 100_000
+    resolved_capacity: int = 20_000
     """How many resolved decision ids are remembered (least recently resolved forgotten first), so that a
     second outcome or a re-sent decision for them is ignored. An outcome for a forgotten one finds no
-    waiting decision anyway; only a decision re-sent that late would be joined again."""
+    waiting decision anyway; only a decision re-sent that late would be joined again (the buffer already
+    drops a re-delivered decision, so this is a second line of defence), and it would then wait for an
+    outcome until `pending_horizon_s`."""
     version_history: int = 1_000
     """How many recent versions keep their feedback time (staleness of router installs)."""
     replay_steps: int = 4
@@ -408,9 +411,20 @@ class Learner:
         self.resolved[d] = None
         while len(self.resolved) > self.settings.resolved_capacity:
             self.resolved.popitem(last=False)
+        if kind in FAILURE_KINDS:
+            # The worst reward there is: score 0 and the whole cost scale (c~ = 1), so r = -w_c <= the reward
+            # of any success. With the cost as incurred (often 0), a failure would score r = 0 and beat every
+            # success whose cost outweighs its quality: a cost-leaning policy would learn to route to failing
+            # arms. The decision in the log keeps the cost actually incurred.
+            decision = dataclasses.replace(decision, cost=max(decision.cost, self.policy.tau))
+        # staleness counts from when the feedback came: a held one's own `time` is older than its log stamp
+        sent = ev.get("time")
+        if t is not None and isinstance(sent, int | float) and math.isfinite(sent):
+            t = min(t, float(sent))
         sample = Sample(decision, float(score), t if t is not None else time.time())
         if rebuild:  # already in the committed parameters; kept only for replay steps
-            self.replay.append(sample)
+            if self._uses_replay:
+                self.replay.append(sample)
         else:
             self.samples.append(sample)
 
@@ -482,14 +496,17 @@ class Learner:
         self.version_feedback_time, self.last_rewards = snap.version_feedback_time, snap.last_rewards
 
     def _to_replay(self, samples: list[Sample]) -> None:
-        # The same rule as on restore, where every valid joined sample is rebuilt into the replay store.
-        self.replay.extend(s for s in samples if np.isfinite(s.decision.context).all())
+        # The same rule as on restore, where every valid joined sample is rebuilt into the replay store. Only a
+        # policy that replays keeps them (LinUCB's 20k samples of 384-d contexts would be ~40 MB for nothing).
+        if self._uses_replay:
+            self.replay.extend(s for s in samples if np.isfinite(s.decision.context).all())
 
     def update(self, commit: bool = True) -> dict[str, float] | None:
         """One policy update from the joined samples (plus replay steps), all or nothing: if anything raises
         (the policy step, a replay step, the commit), every piece of state is put back as it was and the
         exception propagates, so the next call applies the same samples once. A non-finite result is rolled
-        back, its samples dropped and counted (returns None). `commit=False` leaves the commit to the caller
+        back and counted (returns None): its samples are not applied (those with finite contexts still go to
+        the replay store, as a restore would rebuild them there). `commit=False` leaves the commit to the caller
         (the actor publishes first, then commits)."""
         if not self.samples:
             return None

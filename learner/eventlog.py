@@ -106,7 +106,9 @@ class SQLiteEventLog:
         Returns the number of events deleted."""
         cutoff = (time.time() if now is None else now) - older_than_s
         with self._lock:
-            young = self.db.execute("SELECT MIN(seq) FROM events WHERE received >= ?", (cutoff,)).fetchone()[0]
+            young = self.db.execute(  # bounded by the floor: never scans the (unbounded) tail
+                "SELECT MIN(seq) FROM events WHERE seq < ? AND received >= ?", (below_seq, cutoff)
+            ).fetchone()[0]
             stop = below_seq if young is None else min(below_seq, young)
             before = self.db.total_changes
             self.db.execute("DELETE FROM events WHERE seq < ?", (stop,))

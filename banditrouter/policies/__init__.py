@@ -73,8 +73,10 @@ def save_checkpoint(policy: Policy, path: str | Path, extra: dict[str, Any] | No
     return path
 
 
-def load_checkpoint(path: str | Path, seed: int = 0) -> Policy:
-    """Rebuild the policy a checkpoint was saved from; raises StateError on anything that does not fit."""
+def load_checkpoint(path: str | Path, seed: int = 0, expect: str | None = None) -> Policy:
+    """Rebuild the policy a checkpoint was saved from; raises StateError on anything that does not fit,
+    including a checkpoint of another policy than `expect` (the config's `policy.name`: the checks made on
+    the config, such as refusing a propensity learner with a non-exploring logger, hold for that name)."""
     import torch
 
     path = Path(path)
@@ -86,6 +88,8 @@ def load_checkpoint(path: str | Path, seed: int = 0) -> Policy:
         raise StateError(f"{path} is not a banditrouter checkpoint: {e}") from None
     if not isinstance(state, dict) or "policy" not in state:
         raise StateError(f"{path} is not a banditrouter checkpoint")
+    if expect is not None and state["policy"] != expect:
+        raise StateError(f"{path} holds a {state['policy']!r} policy, but the config says policy.name: {expect!r}")
     state["params"] = {k: v.numpy() for k, v in state["params"].items()}
     policy = make_policy(
         state["policy"], state["models"], state["context_dim"], state["tau"], seed=seed, **state.get("config", {})

@@ -344,7 +344,7 @@ def test_buffer_killed_mid_run_every_request_answered_and_logged_once(online, pr
     once (decisions were spilled and re-delivered; feedback that came first was held)."""
     import ray
 
-    from learner.actors import BUFFER_NAME, NAMESPACE
+    from learner.actors import BUFFER_NAME, LEARNER_NAME, NAMESPACE
 
     results: list = []
     answered: list = []
@@ -363,6 +363,12 @@ def test_buffer_killed_mid_run_every_request_answered_and_logged_once(online, pr
     assert all(decisions[d] == 1 for d in answered) and all(explicit[d] == 1 for d in answered), "logged twice"
     rows = _log(buffer)
     assert len({e["event_id"] for e in rows}) == len(rows)
+    # and the learner consumed every event exactly once (set equality on ids)
+    learner = ray.get_actor(LEARNER_NAME, namespace=NAMESPACE)
+    ray.get(learner.flush.remote(), timeout=120)
+    consumed = ray.get(learner.consumed_ids.remote(), timeout=60)
+    assert len(consumed) == len(set(consumed)), "an event was consumed twice"
+    assert set(consumed) == set(ray.get(buffer.event_ids.remote(), timeout=60)), "an event was not consumed"
 
 
 def test_hung_buffer_does_not_stall_responses(online, prompts):
@@ -403,17 +409,38 @@ def test_hung_buffer_does_not_stall_responses(online, prompts):
         assert feedback(d, float(prompts.scores[i % len(prompts.prompts), POOL.index(model)])).status_code == 200
 
 
-def test_learner_killed_mid_run_restarts_and_counts_every_event_once(online, prompts):
+def test_learner_killed_mid_update_restarts_and_counts_every_event_once(online, prompts):
+    """The learner is killed inside an update (its step applied in memory, not committed) while requests
+    and feedback keep coming: every request is answered, Ray restarts it from its last commit, and the set
+    of consumed event ids equals the set the buffer holds, each once."""
     import ray
 
     from learner.actors import LEARNER_NAME, NAMESPACE
 
+    def stall_updates(self) -> None:  # nested: cloudpickle ships it by value to the actor
+        """Runs inside the learner actor: the next policy update applies its step, then hangs (with the lock
+        held, nothing committed) so the test can kill the learner in the middle of an update."""
+        import threading as th
+        import time as tm
+
+        real, self._in_update = self.core.policy.update, th.Event()
+
+        def update(batch):
+            out = real(batch)
+            self._in_update.set()
+            tm.sleep(120)
+            return out
+
+        self.core.policy.update = update
+
+    learner = ray.get_actor(LEARNER_NAME, namespace=NAMESPACE)
+    ray.get(learner.__ray_call__.remote(stall_updates), timeout=60)
     results: list = []
     threads = [threading.Thread(target=_load, args=(prompts, 25, 40 + 25 * t, results)) for t in range(3)]
     for t in threads:
         t.start()
-    time.sleep(3)
-    ray.kill(ray.get_actor(LEARNER_NAME, namespace=NAMESPACE), no_restart=False)  # Ray restarts it
+    assert wait_until(lambda: ray.get(learner.__ray_call__.remote(lambda self: self._in_update.is_set()), timeout=30), 60)
+    ray.kill(learner, no_restart=False)  # mid-update; max_restarts=-1: Ray restarts it
     for t in threads:
         t.join()
     assert results.count(200) == 75, results

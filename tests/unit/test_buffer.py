@@ -80,8 +80,10 @@ def test_unknown_decision_is_404_without_a_hold_window(tmp_path, rng):
 def test_feedback_before_its_decision_is_held_then_recorded(tmp_path, rng):
     """A router answers before its decision reaches the buffer, so feedback can come first: it is held, and
     recorded (same event id, same validation) when the decision arrives."""
-    buf = EventBuffer(tmp_path / "e.sqlite", feedback_hold_s=30)
+    now = [1000.0]
+    buf = EventBuffer(tmp_path / "e.sqlite", feedback_hold_s=30, clock=lambda: now[0])
     out = buf.add_feedback("d0", 0.8, event_id="fb-0")
+    now[0] = 1005.0  # the decision comes 5 s later
     assert out["status"] == "held" and out["event_id"] == "fb-0"
     assert buf.add_feedback("d0", 0.8)["status"] == "held"  # the same again: idempotent (counted as a replay)
     with pytest.raises(FeedbackRefused) as e:  # another score: scores are final, held or not
@@ -91,6 +93,7 @@ def test_feedback_before_its_decision_is_held_then_recorded(tmp_path, rng):
     buf.append_decisions([decision(0, rng)])
     rows = [e for _, e in buf.log.read(0)]
     assert [(e["kind"], e["event_id"]) for e in rows[1:]] == [("explicit", "fb-0")] and rows[1]["value"] == 0.8
+    assert rows[1]["time"] == 1000.0  # when the feedback came, not when it was released: staleness counts the hold
     assert buf.add_feedback("d0", 0.8)["status"] == "duplicate"
     st = buf.stats()
     assert st["held_feedback"] == 0 and st["holds"] == {"held": 1, "released": 1}

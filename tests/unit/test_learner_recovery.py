@@ -15,6 +15,7 @@ import pytest
 from safetensors.numpy import load as load_arrays
 
 from banditrouter.policies import make_policy, save_checkpoint
+from banditrouter.reward import reward
 from banditrouter.schemas import DecisionEvent, FeedbackEvent
 from learner.core import Learner, LearnerSettings
 from learner.eventlog import SQLiteEventLog
@@ -351,7 +352,14 @@ def test_failed_calls_score_zero(tmp_path, learn):
     a.consume(log.read(0, 1000))
     if learn:
         assert [(s.decision.decision_id, s.score) for s in a.samples] == [("d0", 0.0), ("d1", 0.0)]
-        assert [s.decision.cost for s in a.samples] == [0.0, 0.003]
+        # scored as the worst outcome (c~ = 1), so a failure never beats a success, whatever w is
+        assert all(s.decision.cost >= a.policy.tau for s in a.samples)
+        batch = a._batch(a.samples)
+        for wc in np.linspace(0, 1, 11):
+            w = np.tile([1 - wc, wc], (len(batch), 1))
+            fail_r = reward(batch.scores, batch.costs, w, a.policy.tau)
+            worst_success = reward(np.zeros(1), np.array([10 * a.policy.tau]), w[:1], a.policy.tau)
+            assert (fail_r <= worst_success + 1e-12).all()
     else:
         assert not a.samples and list(a.pending) == ["d2"]
 
@@ -367,7 +375,12 @@ def test_state_is_bounded(tmp_path):
         a.update()
     assert len(a.resolved) == 5 and list(a.resolved)[-1] == "d29"
     assert len(a.version_feedback_time) == 3 and max(a.version_feedback_time) == a.policy.version
-    assert len(a.replay) == 7 and a.replay[-1].decision.decision_id == "d29"
+    assert len(a.replay) == 0  # LinUCB never replays, so it keeps no samples for it
+    r = make(tmp_path, "r", "barp", replay_capacity=7)
+    for i in range(0, 60, 4):
+        r.consume(log.read(i, 4))
+        r.update()
+    assert len(r.replay) == 7 and r.replay[-1].decision.decision_id == "d29"
 
     log.append([decision(i, rng) for i in range(100, 110)])  # no outcomes
     b = make(tmp_path, "b", "linucb", max_pending=4)

@@ -179,6 +179,25 @@ def test_lints_propensities_are_exact():
     assert exact < 1 / 64 and abs(exact - mc) < 4 * np.sqrt(mc / 2_000_000) + 1e-5
 
 
+@pytest.mark.parametrize("ratio", [1, 10, 100])
+def test_lints_propensities_sum_to_one_whatever_the_widths(ratio):
+    """An arm pulled 100x more often than another has a 10x narrower posterior: the propensities of all arms
+    must still sum to 1, and match Monte Carlo, with widths that differ by 10-100x."""
+    from banditrouter.policies.lints import argmax_probability
+
+    rng = np.random.default_rng(ratio)
+    k, n = 5, 40
+    mean = rng.normal(scale=0.3, size=(n, k))
+    sd = np.full((n, k), 0.05)
+    sd[:, 0] *= ratio  # one wide arm among narrow ones
+    total = sum(argmax_probability(mean, sd, np.full(n, a)) for a in range(k))
+    np.testing.assert_allclose(total, 1.0, atol=1e-6)
+    m, s = np.array([[0.0, 0.1, 0.2]]), np.array([[1.0, 0.01, 0.01]])
+    draws = m + s * np.random.default_rng(1).standard_normal((1_000_000, 3))
+    mc = (draws.argmax(axis=1) == 0).mean()
+    assert abs(argmax_probability(m, s, np.array([0]))[0] - mc) < 4 * np.sqrt(mc * (1 - mc) / 1_000_000)
+
+
 def test_bad_inputs_are_refused(problem):
     pol = make_policy("barp", problem[1].models, DIM, problem[4])
     x = problem[2][:3]
