@@ -7,35 +7,11 @@ import math
 
 import numpy as np
 import pytest
+from factories import MODELS, decision
 
 from banditrouter.policies import make_policy
-from banditrouter.schemas import DecisionEvent
 from learner.buffer import EventBuffer
 from learner.core import Learner, LearnerSettings, install
-
-MODELS = ("cheap", "strong")
-
-
-def decision(i: int, rng, user: str | None = None, context=None, model: str | None = None) -> dict:
-    x = context if context is not None else rng.normal(size=8)
-    x = x / np.linalg.norm(x)
-    m = model or MODELS[i % 2]
-    return DecisionEvent(
-        decision_id=f"d{i}",
-        request_id=f"r{i}",
-        model=m,
-        arm=MODELS.index(m),
-        propensity=0.5,
-        policy="linucb",
-        policy_version=0,
-        preference=(0.7, 0.3),
-        context=[float(v) for v in x],
-        context_ref=None,
-        cost_usd=0.001 if m == "cheap" else 0.01,
-        latency_s=0.1,
-        pool_version="p",
-        user=user,
-    ).to_dict()
 
 
 def _learner(tmp_path, batch_size=4):

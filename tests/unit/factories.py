@@ -1,0 +1,32 @@
+"""Event factories shared by the buffer and learner unit tests (imported as a plain module: pytest puts
+this folder on sys.path)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from banditrouter.schemas import DecisionEvent
+
+MODELS = ("cheap", "strong")
+
+
+def decision(i: int, rng, user: str | None = None, context=None, model: str | None = None) -> dict:
+    x = context if context is not None else rng.normal(size=8)
+    x = x / np.linalg.norm(x)
+    m = model or MODELS[i % 2]
+    return DecisionEvent(
+        decision_id=f"d{i}",
+        request_id=f"r{i}",
+        model=m,
+        arm=MODELS.index(m),
+        propensity=0.5,
+        policy="linucb",
+        policy_version=0,
+        preference=(0.7, 0.3),
+        context=[float(v) for v in x],
+        context_ref=None,
+        cost_usd=0.001 if m == "cheap" else 0.01,
+        latency_s=0.1,
+        pool_version="p",
+        user=user,
+    ).to_dict()
