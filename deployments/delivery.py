@@ -81,22 +81,28 @@ class DecisionShipper:
         self._adopt_orphans()
 
     # -- the response path ------------------------------------------------------------------------------------
-    def submit(self, event: dict[str, Any]) -> None:
-        """Queue one event for the buffer. Never waits, never raises: the caller is answering a request."""
-        self.counts["submitted"] += 1
+    def submit(self, event: dict[str, Any], *more: dict[str, Any]) -> None:
+        """Queue events for the buffer, together: all go to the queue or all to the spill, so a decision and
+        its outcome event are never split (an outcome delivered before its decision would find nothing to
+        join). Never waits, never raises: the caller is answering a request."""
+        events = [event, *more]
+        self.counts["submitted"] += len(events)
         try:
             self.start()
             assert self._queue is not None
-            self._queue.put_nowait(event)
+            if self._queue.maxsize and self._queue.maxsize - self._queue.qsize() < len(events):
+                raise asyncio.QueueFull
+            for e in events:
+                self._queue.put_nowait(e)
         except asyncio.QueueFull:
-            self._write_spill([event])
-        except Exception as e:  # no running loop, or a closed shipper: keep the event on disk if we can
+            self._write_spill(events)
+        except Exception as e:  # no running loop, or a closed shipper: keep the events on disk if we can
             self.last_error = f"submit: {e!r}"
             try:
-                self._write_spill([event])
+                self._write_spill(events)
             except Exception:  # closed: its spill is handed over; nothing left to write to
-                self.counts["lost"] = self.counts.get("lost", 0) + 1
-                logger.error("decision shipper is closed; dropped event %s", event.get("event_id"))
+                self.counts["lost"] = self.counts.get("lost", 0) + len(events)
+                logger.error("decision shipper is closed; dropped events %s", [x.get("event_id") for x in events])
 
     def start(self) -> None:
         """Start (or restart) the background task on the running loop. Called by `submit`; call it also when

@@ -244,8 +244,7 @@ class Router:
         self.metrics.decision(model, ev.cost_usd)
         if self.shipper is not None:
             # not awaited: feedback that reaches the buffer before the decision is held there until it arrives
-            for e in events:
-                self.shipper.submit(e.to_dict())
+            self.shipper.submit(*(e.to_dict() for e in events))  # a decision and its outcome, never split
 
     async def _prepare(self, req: RouteRequest):
         await self._ensure_sync()

@@ -114,6 +114,22 @@ def test_a_full_queue_spills_instead_of_blocking(tmp_path):
     asyncio.run(main())
 
 
+def test_a_decision_and_its_outcome_are_never_split(tmp_path):
+    """With one free slot left, a decision and its error outcome go to the spill together (in order), not
+    the decision to the queue and the outcome ahead of it to the spill."""
+
+    async def main():
+        buf = FakeBuffer("hang")
+        sh = DecisionShipper(buf.send, tmp_path / "r1.jsonl", timeout_s=0.2, max_queue=2)
+        sh.submit(event(0))
+        sh.submit(event(1), event(2))  # one slot left for two events
+        assert sh.stats()["queued"] == 1 and sh.stats()["spill_pending"] == 2
+        assert [e["event_id"] for e in spill_lines(sh.spill_path)] == [event(1)["event_id"], event(2)["event_id"]]
+        sh.close()
+
+    asyncio.run(main())
+
+
 def test_a_dead_replicas_spill_is_adopted_and_delivered(tmp_path):
     """A replica that died with a spill leaves an unlocked file: the next shipper delivers it (a torn last
     line from a crash mid-write is skipped); a live replica's locked file is left alone."""
