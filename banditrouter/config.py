@@ -127,7 +127,7 @@ class LearningConfig(_Strict):
         10_000, ge=1, description="Decisions a router replica queues in memory for the buffer; beyond it they go to the spill."
     )
     learn_from_failures: bool = Field(
-        True, description="A decision whose model call errored or timed out is a sample with score 0 (cost as incurred)."
+        True, description="A decision whose model call errored or timed out is a sample with the worst reward (score 0, c~ = 1)."
     )
     pending_horizon_s: float = Field(
         3600.0, gt=0, description="The learner forgets a decision that got no outcome within this long (log time)."

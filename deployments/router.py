@@ -7,9 +7,10 @@ waiting request goes next is FIFO here; ACQB's scheduling replaces that rule.
 
 The response never waits on the learning path: the decision goes to a `DecisionShipper`
 (`deployments/delivery.py`) that delivers it to the buffer in the background, with a bounded timeout and a
-local spill. A model call that fails (`BackendError`) or runs past `router.model_timeout_s` is still a
-decision: it is logged with outcome "error" / "timeout" and an outcome event of that kind (value 0), so the
-policy learns that the arm fails, and then the error goes to the caller (502 / 504 at the ingress).
+local spill. A model call that fails (`BackendError`, a dead model replica, any exception) or runs past
+`router.model_timeout_s` is still a decision: it is logged with outcome "error" / "timeout" and an outcome
+event of that kind (value 0), so the policy learns that the arm fails, and then the error goes to the caller
+(502 / 504 at the ingress for a backend error or a timeout).
 """
 
 from __future__ import annotations

@@ -143,7 +143,8 @@ class LearnerActor:
 
     def _publish(self) -> tuple[int, ray.ObjectRef]:
         """The current policy as (version, object ref), put in the object store once; wakes the pollers.
-        Runs in the learner thread (or a worker thread): it only schedules the wake-up on the loop."""
+        Runs in the learner thread (or a worker thread): it only schedules the wake-up on the loop, which the
+        first poller recorded (with no poller yet, there is no one to wake)."""
         published = (self.core.policy.version, ray.put(self.core.policy.state_dict()))
         self.published = published
         loop = self._event_loop
@@ -282,7 +283,6 @@ class LearnerActor:
     # -- operators (each takes the lock in a worker thread: the loop keeps serving pollers) ----------------------
     async def reset(self) -> int:
         """Cold start: replace the policy with an untrained one (version continues); routers install it."""
-        self._event_loop = asyncio.get_running_loop()
         return await asyncio.to_thread(self._reset)
 
     def _reset(self) -> int:
@@ -294,7 +294,6 @@ class LearnerActor:
             return self.core.policy.version
 
     async def stats(self) -> dict[str, Any]:
-        self._event_loop = asyncio.get_running_loop()
         st = [i["staleness_s"] for i in list(self.installs) if i["staleness_s"] is not None]
         return {
             **await asyncio.to_thread(self._core_stats),
@@ -329,7 +328,6 @@ class LearnerActor:
 
     async def flush(self) -> dict[str, Any]:
         """Consume everything in the log now and commit (end of a run, tests)."""
-        self._event_loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._flush)
         return await self.stats()
 
@@ -337,7 +335,8 @@ class LearnerActor:
         with self.lock:
             while True:  # in chunks: the log can hold a million rows
                 rows = self._read(self.core.read_after(), chunk)
-                if not self.core.consume(rows, self._read) and len(rows) < chunk:
+                self.core.consume(rows, self._read)
+                if len(rows) < chunk:  # reached the end of the log
                     break
             if self.core.samples:
                 if self.core.update() is not None:

@@ -20,11 +20,12 @@ What is guaranteed (each is tested in tests/unit/test_learner.py and tests/unit/
 - **An update is all-or-nothing**: parameters, optimizer, random streams, version, waiting samples, replay
   store and counters are restored if anything raises during `update` (including its commit), so the same
   batch is applied once when it is retried. An update whose parameters or metrics are not finite is
-  rolled back and its samples dropped (counted as `rejected_update`).
+  rolled back and its samples are not applied (counted as `rejected_update`).
 - **Only learnable events become samples**: a decision for a model outside the policy's pool, or with a
   missing, mis-shaped or non-finite context, preference, propensity or cost, is counted and never joined,
   on the live path and on restore alike.
-- **Failures are outcomes**: an `error` or `timeout` event scores 0 (`LearnerSettings.learn_from_failures`).
+- **Failures are outcomes**: an `error` or `timeout` event is a sample with the worst reward, score 0 at the
+  full cost scale (`LearnerSettings.learn_from_failures`).
 - **Bounded memory**: waiting decisions (`max_pending`, `pending_horizon_s`; contexts kept as float32
   arrays), resolved decision ids (`resolved_capacity`), the replay store (`replay_capacity`) and the
   staleness record (`version_history`) are all capped; the log can be compacted below
@@ -458,7 +459,9 @@ class Learner:
 
     @property
     def _uses_replay(self) -> bool:
-        return bool(self.settings.replay_steps) and self.policy.name == "barp"
+        # replay steps are importance-weighted off-policy gradient steps: only a policy that learns from
+        # propensities can take them (count-based ones must see each sample once)
+        return bool(self.settings.replay_steps) and self.policy.learns_from_propensities
 
     def _replay_steps(self) -> None:
         if not self._uses_replay or len(self.replay) < self.settings.batch_size:

@@ -29,7 +29,8 @@ def test_propensity_learner_refuses_a_deterministic_logger():
     ],
 )
 def test_valid_learning_combinations_load(policy, learning):
-    load_config(_cfg(policy, learning))
+    cfg = load_config(_cfg(policy, learning))
+    assert (cfg.policy.name, cfg.policy.explore, cfg.learning.enabled) == (policy["name"], policy["explore"], learning["enabled"])
 
 
 def test_unknown_policy_name_is_named():
