@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from banditrouter.policies.base import BanditBatch, Decision, Decisions, Policy, StateError
+from banditrouter.policies.base import Assignment, BanditBatch, Decision, Decisions, Policy, StateError
 
 POLICIES: dict[str, str] = {
     "barp": "banditrouter.policies.barp:BaRP",
@@ -100,6 +100,7 @@ def load_checkpoint(path: str | Path, seed: int = 0, expect: str | None = None) 
 
 __all__ = [
     "POLICIES",
+    "Assignment",
     "BanditBatch",
     "Decision",
     "Decisions",

@@ -1,6 +1,7 @@
 """The one contract every routing policy implements (offline training, the router replica, the learner).
 
     select(contexts, preferences, explore=...) -> Decisions   # arm, propensity, policy_version per row
+    schedule(contexts, preferences, free, explore=...) -> [Assignment]   # queue-aware policies (ACQB) only
     update(BanditBatch) -> metrics                            # only the chosen arm's outcome per row
     state_dict() / load_state_dict(state)                     # plain arrays + metadata, validated on load
 
@@ -46,6 +47,17 @@ class Decisions:
 
     def __iter__(self) -> Iterator[Decision]:
         return (self[i] for i in range(len(self)))
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One (waiting job, model) pair a queue-aware policy serves: `job` indexes the waiting pool handed to
+    `schedule`, `propensity` is the probability that this job got this arm at that moment."""
+
+    job: int
+    arm: int
+    propensity: float
+    policy_version: int
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,9 @@ class Policy(ABC):
     learns_from_propensities: bool = False
     """True when `update` weights samples by pi(a) / propensity (BaRP): it needs decisions logged by an
     exploring policy with true propensities. Count-based learners (LinUCB, LinTS) learn from any logger."""
+    queue_aware: bool = False
+    """True when the policy also schedules a waiting pool (`schedule`, ACQB); the others are served FIFO per
+    model through `select` at arrival."""
 
     def __init__(self, models: Sequence[str], context_dim: int, tau: float, seed: int = 0):
         if len(models) < 2:
@@ -118,6 +133,25 @@ class Policy(ABC):
     @property
     def n_arms(self) -> int:
         return len(self.models)
+
+    @property
+    def projected_dim(self) -> int:
+        """Width of what `project` returns: the context features the policy's own parameters see."""
+        return self.context_dim
+
+    def project(self, contexts: np.ndarray) -> np.ndarray:
+        """Context (n, context_dim) -> the features the policy learns on (n, projected_dim). Identity unless
+        the policy carries a learned projection (`features:`); every policy calls it on what it is given, so
+        routers, the buffer and the learner always handle raw embeddings."""
+        return np.asarray(contexts)
+
+    def schedule(
+        self, contexts: np.ndarray, preferences: np.ndarray, free: np.ndarray, *, explore: bool = True
+    ) -> list[Assignment]:
+        """Queue-aware policies only: given the waiting pool (contexts and preferences, one row per job) and
+        the free slots per arm (`free[k]`), return the pairs to serve now: each job at most once, arm k at
+        most `free[k]` times, and work-conserving (serve while both jobs and slots remain)."""
+        raise NotImplementedError(f"{self.name} is not queue-aware: serve it FIFO per model through select()")
 
     def take_random_state(self, other: Policy) -> None:
         """Continue `other`'s random streams (a router installing new weights): re-seeding on every version
