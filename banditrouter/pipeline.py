@@ -12,7 +12,7 @@ import numpy as np
 
 from banditrouter.data import RoutingLog, load_dataset
 from banditrouter.evaluation import evaluate_policy, policy_aiq, policy_aiq_range, references
-from banditrouter.policies import POLICIES, Policy, load_checkpoint, make_policy, save_checkpoint
+from banditrouter.policies import POLICIES, Policy, load_checkpoint, make_policy, save_checkpoint, takes_features
 from banditrouter.reward import DEFAULT_PREFERENCE_SAMPLER, DEFAULT_TAU_QUANTILE, cost_scale
 from banditrouter.training import train_policy
 
@@ -48,6 +48,27 @@ def load_split(
     return Split(log, x)
 
 
+def check_features(features: str, features_dim: int) -> None:
+    from banditrouter.features import FEATURE_KINDS
+
+    if features not in FEATURE_KINDS:
+        raise ValueError(f"unknown features {features!r}; choose one of {list(FEATURE_KINDS)}")
+    if features_dim < 1:
+        raise ValueError(f"features dim must be >= 1, got {features_dim}")
+
+
+def train_features(
+    dataset: str, train: Split, *, split: str = "train", seed: int = 0, out_dim: int = 64, progress: bool = True, log_fn=None
+):
+    """The learned projection (banditrouter.features) for this train split: cached, else trained. Full
+    information: it reads every model's outcome on every train prompt; any split but "train" is refused."""
+    from banditrouter.features import load_or_train_projection
+
+    return load_or_train_projection(
+        train, dataset, split_name=split, seed=seed, out_dim=out_dim, progress=progress, log_fn=log_fn
+    )
+
+
 def train_one(
     name: str,
     train: Split,
@@ -58,9 +79,13 @@ def train_one(
     tau_quantile: float = DEFAULT_TAU_QUANTILE,
     preference_sampler: str = DEFAULT_PREFERENCE_SAMPLER,
     progress: bool = True,
+    features=None,
     **config,
 ) -> Policy:
+    """`features`: a banditrouter.features.Projection the policy learns on (None: the raw embedding)."""
     tau = cost_scale(train.log.costs, tau_quantile) if tau is None else tau
+    if features is not None:
+        config["features"] = features
     policy = make_policy(name, train.log.models, train.contexts.shape[1], tau, seed=seed, **config)
     train_policy(
         policy, train.contexts, train.log, epochs=epochs, seed=seed, progress=progress, preference_sampler=preference_sampler
@@ -83,17 +108,24 @@ def run_eval(
     epochs: int | None = None,
     tau_quantile: float = DEFAULT_TAU_QUANTILE,
     preference_sampler: str = DEFAULT_PREFERENCE_SAMPLER,
+    features: str = "none",
+    features_dim: int = 64,
     progress: bool = True,
     log_fn=print,
 ) -> dict:
     """Train every requested policy on the train split with bandit feedback (the supervised one with full
     information) unless a checkpoint is given for it, evaluate all on `split`, write results.json and the
-    figures into `out_dir`."""
+    figures into `out_dir`. `features="projection"`: every policy that uses the context learns on the learned
+    projection (trained on the train split with full information, banditrouter.features); "none": the raw
+    embedding. A checkpoint carries its own features."""
     from banditrouter.evaluation.plots import plot_pareto, plot_preference_sweep
 
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}; choose from {sorted(POLICIES)}")
+    check_features(features, features_dim)
+    if features != "none" and checkpoints:
+        raise ValueError("--features applies to policies trained here; a checkpoint carries its own features")
     from banditrouter.embeddings import Embedder
 
     out_dir = Path(out_dir)
@@ -140,10 +172,25 @@ def run_eval(
         raise ValueError(f"the {split} split cannot be scored in the policies' arm order: {e}") from None
     trained: dict[str, Policy] = dict(loaded)
     timings: dict[str, float] = {}
+    projection = None
+    if features == "projection" and train is not None:
+        t = time.perf_counter()
+        projection = train_features(dataset, train, seed=seed, out_dim=features_dim, progress=progress, log_fn=log_fn)
+        timings["features"] = round(time.perf_counter() - t, 2)
     for name in to_train:
         t = time.perf_counter()
+        use = projection if projection is not None and takes_features(name) else None
+        if projection is not None and use is None:
+            log_fn(f"{name} does not use the context: trained without features")
         trained[name] = train_one(
-            name, train, seed=seed, epochs=epochs, tau=tau, preference_sampler=preference_sampler, progress=progress
+            name,
+            train,
+            seed=seed,
+            epochs=epochs,
+            tau=tau,
+            preference_sampler=preference_sampler,
+            progress=progress,
+            features=use,
         )
         timings[name] = round(time.perf_counter() - t, 2)
         log_fn(f"trained {name} in {timings[name]:.1f}s")
@@ -158,6 +205,7 @@ def run_eval(
         "tau_quantile": tau_quantile if train else None,
         "preference_sampler": preference_sampler if train else None,
         "notes": list(test.log.notes),
+        "features": _features_report(projection, test) if projection is not None else None,
         "references": references(test.log, tau),
         "policies": {},
         "train_seconds": timings,
@@ -170,12 +218,34 @@ def run_eval(
             "aiq_range": policy_aiq_range(pts, test.log),
             "mean_reward": float(np.mean([p["reward"] for p in pts])),
             "policy_version": pol.version,
+            "features": f"projection {pol.projection.in_dim}->{pol.projection.out_dim}" if pol.projection else "none",
         }
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     plot_pareto(results, out_dir / "pareto.png")
     plot_preference_sweep(results, out_dir / "preference_sweep.png")
     return results
+
+
+def _features_report(projection, test: Split) -> dict:
+    """The projection's metadata, and how well each representation separates the evaluated split's prompts by
+    success pattern (banditrouter.features.success_pattern_auc; 0.5 = no separation): the raw embedding, a
+    random orthogonal projection of the same width (training's starting point) and the trained projection.
+    The evaluated split's outcomes are only measured here, never trained on."""
+    from banditrouter.features import random_projection, success_pattern_auc
+
+    x, scores = test.contexts, test.log.scores
+    try:
+        auc = {
+            "embedding": success_pattern_auc(x, scores),
+            "random_projection": success_pattern_auc(
+                random_projection(projection.in_dim, projection.out_dim, int(projection.meta.get("seed", 0))).apply(x), scores
+            ),
+            "projection": success_pattern_auc(projection.apply(x), scores),
+        }
+    except ValueError:  # too few prompts to have both same- and different-pattern pairs
+        auc = None
+    return {**projection.meta, "success_pattern_auc": auc}
 
 
 def run_train(
@@ -191,9 +261,24 @@ def run_train(
     epochs: int | None = None,
     tau_quantile: float = DEFAULT_TAU_QUANTILE,
     preference_sampler: str = DEFAULT_PREFERENCE_SAMPLER,
+    features: str = "none",
+    features_dim: int = 64,
     progress: bool = True,
+    log_fn=None,
 ) -> Policy:
+    """Train one policy on `split` and save its checkpoint; with `features="projection"` the policy learns on
+    the learned projection (trained on this split, which must be "train"), and the checkpoint carries it."""
+    check_features(features, features_dim)
+    if features == "projection" and split != "train":
+        raise ValueError(f"the projection is trained on the train split only; --split is {split!r}")
+    if features == "projection" and not takes_features(policy):
+        raise ValueError(f"policy {policy!r} does not use the context: --features projection does not apply")
     train = load_split(dataset, split, data_dir=data_dir, test_fraction=test_fraction, seed=seed, limit=limit, progress=progress)
+    projection = None
+    if features == "projection":
+        projection = train_features(
+            dataset, train, split=split, seed=seed, out_dim=features_dim, progress=progress, log_fn=log_fn
+        )
     pol = train_one(
         policy,
         train,
@@ -202,6 +287,7 @@ def run_train(
         tau_quantile=tau_quantile,
         preference_sampler=preference_sampler,
         progress=progress,
+        features=projection,
     )
     save_checkpoint(pol, out, extra={"dataset": dataset, "split": split, "n_train": len(train.log), "seed": seed})
     return pol

@@ -16,9 +16,12 @@ from banditrouter.data.log import RoutingLog
 from banditrouter.policies.base import BanditBatch, Policy
 from banditrouter.reward import DEFAULT_PREFERENCE_SAMPLER, sample_preferences
 
-DEFAULT_EPOCHS = {"barp": 100, "supervised": 40}
+DEFAULT_EPOCHS = {"barp": 100, "supervised": 40, "acqb": 1}
 """Epochs per policy when none is given: BaRP as in the paper's summary; the linear and static learners
-have converged long before (their statistics are sufficient), so they get DEFAULT_BANDIT_EPOCHS."""
+have converged long before (their statistics are sufficient), so they get DEFAULT_BANDIT_EPOCHS. ACQB [ours]
+pretrains on one pass: its online Newton/IRLS posterior counts every sample as new evidence, so a second pass
+over the same prompts would shrink its posterior (and its anytime counter t would grow) as if twice the data
+had been seen; `--epochs 0` writes a cold checkpoint (an untrained ACQB with the log's tau)."""
 DEFAULT_BANDIT_EPOCHS = 20
 
 

@@ -4,15 +4,17 @@ this package does not import torch)."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from banditrouter.policies.base import Assignment, BanditBatch, Decision, Decisions, Policy, StateError
+from banditrouter.policies.base import FEATURE_PARAMS, Assignment, BanditBatch, Decision, Decisions, Policy, StateError
 
 POLICIES: dict[str, str] = {
     "barp": "banditrouter.policies.barp:BaRP",
+    "acqb": "banditrouter.policies.acqb:ACQB",
     "linucb": "banditrouter.policies.linucb:LinUCB",
     "lints": "banditrouter.policies.lints:LinTS",
     "epsilon_greedy": "banditrouter.policies.epsilon_greedy:EpsilonGreedy",
@@ -32,14 +34,28 @@ def policy_class(name: str) -> type[Policy]:
     return getattr(importlib.import_module(module), cls)
 
 
+def takes_features(name: str) -> bool:
+    """Whether the policy can learn on a learned projection of the context (`features=`); the static
+    baselines ignore the context and take none."""
+    return "features" in inspect.signature(policy_class(name).__init__).parameters
+
+
 def make_policy(name: str, models: Sequence[str], context_dim: int, tau: float, seed: int = 0, **config: Any) -> Policy:
+    """`config` holds the policy's own settings, and `features` (a banditrouter.features.Projection) for a
+    policy that learns on a projection of the context."""
+    if config.get("features") is not None and not takes_features(name):
+        raise ValueError(f"policy {name!r} takes no learned features (its constructor has no `features` argument)")
+    if "features" in config and config["features"] is None:
+        config.pop("features")
     return policy_class(name)(models, context_dim, tau, seed=seed, **config)
 
 
 def untrained_like(policy: Policy, seed: int = 0) -> Policy:
     """A fresh policy of the same kind, pool, context width, tau and config (a cold start, or the shell a
-    router loads pushed weights into)."""
-    return make_policy(policy.name, policy.models, policy.context_dim, policy.tau, seed=seed, **policy._config())
+    router loads pushed weights into). A learned projection is kept (its arrays copied): it is a fixed part of
+    the policy's input, not something the policy learned online."""
+    extra = {"features": policy.projection.copy()} if policy.projection is not None else {}
+    return make_policy(policy.name, policy.models, policy.context_dim, policy.tau, seed=seed, **extra, **policy._config())
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -91,9 +107,14 @@ def load_checkpoint(path: str | Path, seed: int = 0, expect: str | None = None) 
     if expect is not None and state["policy"] != expect:
         raise StateError(f"{path} holds a {state['policy']!r} policy, but the config says policy.name: {expect!r}")
     state["params"] = {k: v.numpy() for k, v in state["params"].items()}
-    policy = make_policy(
-        state["policy"], state["models"], state["context_dim"], state["tau"], seed=seed, **state.get("config", {})
-    )
+    config = dict(state.get("config", {}))
+    if "features" in config:  # a learned projection: rebuilt from the checkpoint's arrays, then validated again on load
+        from banditrouter.features import Projection
+
+        config["features"] = Projection.from_params(state["params"], config["features"])
+    elif any(k in FEATURE_PARAMS for k in state["params"]):
+        raise StateError(f"{path} holds projection arrays but no features entry in its config")
+    policy = make_policy(state["policy"], state["models"], state["context_dim"], state["tau"], seed=seed, **config)
     policy.load_state_dict(state)
     return policy
 
@@ -110,4 +131,6 @@ __all__ = [
     "make_policy",
     "policy_class",
     "save_checkpoint",
+    "takes_features",
+    "untrained_like",
 ]

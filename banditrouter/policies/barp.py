@@ -75,14 +75,14 @@ class BaRP(Policy):
     name = "barp"
     learns_from_propensities = True
 
-    def __init__(self, models, context_dim, tau, seed=0, **config):
-        super().__init__(models, context_dim, tau, seed)
+    def __init__(self, models, context_dim, tau, seed=0, features=None, **config):
+        super().__init__(models, context_dim, tau, seed, features=features)
         self.config = BaRPConfig(**config)
         if self.config.baseline not in ("batch_mean", "preference_batch_mean"):
             raise ValueError(f"unknown baseline {self.config.baseline!r}: use batch_mean or preference_batch_mean")
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            self.net = BaRPNet(context_dim, self.n_arms, self.config)
+            self.net = BaRPNet(self.projected_dim, self.n_arms, self.config)  # h(x): the (projected) embedding
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=self.config.lr)
         self.generator = torch.Generator().manual_seed(seed)
         self.averaged = None
@@ -97,6 +97,7 @@ class BaRP(Policy):
     def probabilities(self, contexts, preferences, averaged: bool = False) -> np.ndarray:
         """pi(. | x, w) of the live parameters, or of their average (when averaging is on)."""
         x, p = self._check_inputs(contexts, preferences)
+        x = self.project(x)
         net = self.averaged.module if averaged and self.averaged is not None else self.net
         with torch.no_grad():
             return torch.softmax(net(torch.from_numpy(x), torch.from_numpy(p).float()), dim=-1).numpy()
@@ -112,7 +113,7 @@ class BaRP(Policy):
     def update(self, batch: BanditBatch) -> dict[str, float]:
         if len(batch) == 0:
             return {}
-        x = torch.from_numpy(np.asarray(batch.contexts, dtype=np.float32))
+        x = torch.from_numpy(np.asarray(self.project(np.asarray(batch.contexts, dtype=np.float32)), dtype=np.float32))
         w = torch.from_numpy(np.asarray(batch.preferences, dtype=np.float32))
         arms = torch.from_numpy(np.asarray(batch.arms, dtype=np.int64))
         r = torch.from_numpy(batch.rewards(self.tau)).float()  # r = w_q q - w_c c~

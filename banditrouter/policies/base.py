@@ -15,11 +15,17 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from banditrouter.reward import check_preferences, reward
+
+if TYPE_CHECKING:
+    from banditrouter.features import Projection
+
+FEATURE_PARAMS = ("features.W", "features.b")
+"""Where a learned projection's arrays sit among a policy's params (see banditrouter.features)."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,9 @@ class Policy(ABC):
     """True when the policy also schedules a waiting pool (`schedule`, ACQB); the others are served FIFO per
     model through `select` at arrival."""
 
-    def __init__(self, models: Sequence[str], context_dim: int, tau: float, seed: int = 0):
+    def __init__(self, models: Sequence[str], context_dim: int, tau: float, seed: int = 0, features: Projection | None = None):
+        """`features`: a learned projection of the context (banditrouter.features.Projection, frozen) the
+        policy learns on instead of the raw embedding; None = the raw embedding (identity)."""
         if len(models) < 2:
             raise ValueError("a routing policy needs at least two models")
         if not (math.isfinite(tau) and tau > 0):
@@ -129,6 +137,14 @@ class Policy(ABC):
         self.seed = seed
         self.version = 0
         self.rng = np.random.default_rng(seed)
+        if features is not None:
+            from banditrouter.features import Projection
+
+            if not isinstance(features, Projection):
+                raise TypeError(f"features must be a banditrouter.features.Projection or None, got {type(features).__name__}")
+            if features.in_dim != self.context_dim:
+                raise ValueError(f"the projection takes {features.in_dim}-d contexts, this policy gets {self.context_dim}-d")
+        self.projection: Projection | None = features
 
     @property
     def n_arms(self) -> int:
@@ -137,13 +153,15 @@ class Policy(ABC):
     @property
     def projected_dim(self) -> int:
         """Width of what `project` returns: the context features the policy's own parameters see."""
-        return self.context_dim
+        return self.projection.out_dim if self.projection is not None else self.context_dim
 
     def project(self, contexts: np.ndarray) -> np.ndarray:
         """Context (n, context_dim) -> the features the policy learns on (n, projected_dim). Identity unless
         the policy carries a learned projection (`features:`); every policy calls it on what it is given, so
         routers, the buffer and the learner always handle raw embeddings."""
-        return np.asarray(contexts)
+        if self.projection is None:
+            return np.asarray(contexts)
+        return self.projection.apply(contexts)
 
     def schedule(
         self, contexts: np.ndarray, preferences: np.ndarray, free: np.ndarray, *, explore: bool = True
@@ -191,8 +209,8 @@ class Policy(ABC):
             "context_dim": self.context_dim,
             "tau": self.tau,
             "version": self.version,
-            "params": self._params(),
-            "config": self._config(),
+            "params": self._all_params(),
+            "config": self._config() if self.projection is None else {**self._config(), "features": self.projection.meta},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -209,7 +227,7 @@ class Policy(ABC):
         if not (math.isfinite(tau) and tau > 0):
             raise StateError(f"checkpoint tau {tau} is not a positive number")
         params = state.get("params", {})
-        expected = self._params()
+        expected = self._all_params()
         if set(params) != set(expected):
             raise StateError(f"checkpoint parameters {sorted(params)} differ from expected {sorted(expected)}")
         for k, v in params.items():
@@ -218,8 +236,16 @@ class Policy(ABC):
                 raise StateError(f"parameter {k!r} has shape {arr.shape}, expected {ref.shape}")
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise StateError(f"parameter {k!r} holds non-finite values")
+        projection = None
+        if self.projection is not None:
+            from banditrouter.features import Projection
+
+            meta = (state.get("config") or {}).get("features", self.projection.meta)
+            projection = Projection.from_params(params, meta)  # validated before anything changes
         self.tau = tau
-        self._load_params({k: np.asarray(v) for k, v in params.items()})
+        self._load_params({k: np.asarray(v) for k, v in params.items() if k not in FEATURE_PARAMS})
+        if projection is not None:
+            self.projection = projection
         self.version = int(state.get("version", 0))
 
     # -- helpers for subclasses -------------------------------------------------------------------------
@@ -229,6 +255,13 @@ class Policy(ABC):
 
     @abstractmethod
     def _load_params(self, params: dict[str, np.ndarray]) -> None: ...
+
+    def _all_params(self) -> dict[str, np.ndarray]:
+        """The policy's own arrays plus its projection's (`features.W`, `features.b`) when it has one."""
+        params = self._params()
+        if self.projection is not None:
+            params.update(self.projection.params())
+        return params
 
     def _config(self) -> dict[str, Any]:
         return {}

@@ -26,10 +26,10 @@ class LinearConfig:
 class DisjointLinear(Policy):
     config_cls = LinearConfig
 
-    def __init__(self, models, context_dim, tau, seed=0, **config):
-        super().__init__(models, context_dim, tau, seed)
+    def __init__(self, models, context_dim, tau, seed=0, features=None, **config):
+        super().__init__(models, context_dim, tau, seed, features=features)
         self.config = self.config_cls(**config)
-        d = self.feature_dim = context_dim + 3
+        d = self.feature_dim = self.projected_dim + 3  # phi = project(x) ⊕ w ⊕ 1
         self.A = np.repeat(np.eye(d)[None] * self.config.ridge, self.n_arms, axis=0)
         self.A_inv = np.repeat(np.eye(d)[None] / self.config.ridge, self.n_arms, axis=0)
         self.b = np.zeros((self.n_arms, d))
@@ -39,7 +39,7 @@ class DisjointLinear(Policy):
     # -- model ------------------------------------------------------------------------------------------
     def features(self, contexts, preferences) -> np.ndarray:
         x, p = self._check_inputs(contexts, preferences)
-        return linear_features(x, p)
+        return linear_features(self.project(x), p)
 
     def predict(self, phi: np.ndarray) -> np.ndarray:
         """(n, K) predicted reward."""
@@ -51,7 +51,7 @@ class DisjointLinear(Policy):
         return np.sqrt(np.maximum(quad, 0.0))
 
     def update(self, batch: BanditBatch) -> dict[str, float]:
-        phi = linear_features(batch.contexts, batch.preferences)
+        phi = linear_features(self.project(batch.contexts), batch.preferences)
         r = batch.rewards(self.tau)
         for a in np.unique(batch.arms):
             m = batch.arms == a

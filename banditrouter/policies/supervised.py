@@ -55,17 +55,17 @@ class SupervisedRouter(Policy):
     name = "supervised"
     full_information = True
 
-    def __init__(self, models, context_dim, tau, seed=0, **config):
-        super().__init__(models, context_dim, tau, seed)
+    def __init__(self, models, context_dim, tau, seed=0, features=None, **config):
+        super().__init__(models, context_dim, tau, seed, features=features)
         self.config = SupervisedConfig(**config)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            self.net = SupervisedNet(context_dim, self.n_arms, self.config)
+            self.net = SupervisedNet(self.projected_dim, self.n_arms, self.config)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def predict(self, contexts) -> tuple[np.ndarray, np.ndarray]:
-        """(n, K) predicted score and cost."""
-        x = torch.from_numpy(np.asarray(contexts, dtype=np.float32))
+        """(n, K) predicted score and cost for raw contexts (projected here when the policy has features)."""
+        x = torch.from_numpy(np.asarray(self.project(np.asarray(contexts, dtype=np.float32)), dtype=np.float32))
         self.net.eval()
         with torch.no_grad():
             s, c = self.net(x)
@@ -83,7 +83,7 @@ class SupervisedRouter(Policy):
         if len(batch) == 0:
             return {}
         self.net.train()
-        x = torch.from_numpy(np.asarray(batch.contexts, dtype=np.float32))
+        x = torch.from_numpy(np.asarray(self.project(np.asarray(batch.contexts, dtype=np.float32)), dtype=np.float32))
         arms = torch.from_numpy(np.asarray(batch.arms, dtype=np.int64))[:, None]
         s_logit, log_c = (t.gather(1, arms).squeeze(1) for t in self.net(x))
         q = torch.from_numpy(np.asarray(batch.scores, dtype=np.float32))
