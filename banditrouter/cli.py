@@ -25,6 +25,13 @@ SamplerOpt = typer.Option(
     "arcsine", "--preference-sampler", help="How training draws w_cost: arcsine (Beta(1/2,1/2)) or uniform."
 )
 TauOpt = typer.Option(0.95, "--tau-quantile", help="tau = this quantile of per-call cost in the training log.")
+FeaturesOpt = typer.Option(
+    "none",
+    "--features",
+    help="Context features: none (the MiniLM embedding) or projection (a 384->--features-dim projection trained "
+    "contrastively on the train split with every model's outcome: full information, see banditrouter/features.py).",
+)
+FeaturesDimOpt = typer.Option(64, "--features-dim", min=1, help="Output width of --features projection.")
 
 
 def _fail(msg: str) -> None:
@@ -45,6 +52,8 @@ def train(
     preference_sampler: str = SamplerOpt,
     data_dir: Path | None = DataDirOpt,
     test_fraction: float = TestFracOpt,
+    features: str = FeaturesOpt,
+    features_dim: int = FeaturesDimOpt,
 ):
     """Train one policy on a split (bandit feedback; full information for `supervised`) and save it."""
     from banditrouter.data import DataError
@@ -63,6 +72,9 @@ def train(
             epochs=epochs,
             tau_quantile=tau_quantile,
             preference_sampler=preference_sampler,
+            features=features,
+            features_dim=features_dim,
+            log_fn=console.print,
         )
     except (DataError, ValueError) as e:
         _fail(str(e))
@@ -90,6 +102,8 @@ def evaluate(
     preference_sampler: str = SamplerOpt,
     data_dir: Path | None = DataDirOpt,
     test_fraction: float = TestFracOpt,
+    features: str = FeaturesOpt,
+    features_dim: int = FeaturesDimOpt,
 ):
     """Train every policy on the train split, evaluate on the test split over w_cost = 0..1, write
     results.json, pareto.png and preference_sweep.png."""
@@ -113,6 +127,8 @@ def evaluate(
             epochs=epochs,
             tau_quantile=tau_quantile,
             preference_sampler=preference_sampler,
+            features=features,
+            features_dim=features_dim,
             log_fn=console.print,
         )
     except (DataError, ValueError, StateError, FileNotFoundError) as e:
@@ -232,31 +248,176 @@ def simulate(
     url: str = typer.Option("http://127.0.0.1:8000", "--url", help="A running banditrouter with learning enabled."),
     dataset: str = DatasetOpt,
     split: str = typer.Option("train", "--split"),
-    requests: int = typer.Option(3000, "--requests", "-n", min=1),
-    concurrency: int = typer.Option(8, "--concurrency", min=1),
+    requests: int = typer.Option(3000, "--requests", "-n", min=1, help="Original requests (re-sends come on top)."),
+    concurrency: int = typer.Option(8, "--concurrency", min=1, help="Closed loop: concurrent users (ignored with --rate)."),
+    rate: float | None = typer.Option(
+        None,
+        "--rate",
+        help="Open loop: Poisson arrivals at this many requests/s, whatever the service does (a backlog can form).",
+    ),
     out: Path = typer.Option(Path("reports/online"), "--out", "-o", help="Folder for online.json and online.png."),
-    retrials: bool = typer.Option(False, "--retrials", help="Unsatisfied users retry (logistic in the score)."),
+    retrials: bool = typer.Option(
+        False,
+        "--retrials",
+        help="Unsatisfied users retry. Closed loop: with probability logistic in the score. Open loop (--rate): "
+        "satisfied with probability = the logged score (Bernoulli); else (or on 503 / no answer) they re-send the "
+        "same conversation after --retry-delay, up to --max-retries times.",
+    ),
+    feedback: bool | None = typer.Option(
+        None,
+        "--feedback/--no-feedback",
+        help="Post the logged score as explicit feedback. Default: yes, except with --rate and --retrials (implicit only).",
+    ),
+    max_retries: int = typer.Option(3, "--max-retries", min=0, help="Open loop: re-sends per request at most."),
+    retry_delay: str = typer.Option(
+        "0.5,2.0", "--retry-delay", help="Open loop: a re-send comes after U(low, high) seconds (inside the retrial window)."
+    ),
+    patience: float = typer.Option(30.0, "--patience", help="Open loop: no answer within this many seconds = unsatisfied."),
+    w_cost: float | None = typer.Option(
+        None, "--w-cost", help="Send this w_cost (and w_quality = 1 - w_cost) with every request instead of drawing one."
+    ),
     cold_start: bool = typer.Option(False, "--cold-start", help="Reset the learner to an untrained policy first."),
     seed: int = typer.Option(0, "--seed"),
     preference_sampler: str = typer.Option("uniform", "--preference-sampler", help="uniform or arcsine draws of w_cost."),
     data_dir: Path | None = DataDirOpt,
 ):
-    """Closed loop through the HTTP API: routed requests, bandit feedback, learning curves."""
+    """Closed loop through the HTTP API (routed requests, bandit feedback, learning curves), or with --rate an
+    open loop of Poisson arrivals whose simulated users re-send what did not satisfy them."""
     from banditrouter.data import DataError
-    from banditrouter.simulate import SimulationError, run_simulation
+    from banditrouter.simulate import RetrialUsers, SimulationError, run_open_loop, run_simulation
 
     try:
-        res = run_simulation(
-            url, dataset, split, requests, concurrency, out, retrials=retrials, cold_start=cold_start, seed=seed,
-            sampler=preference_sampler, data_dir=data_dir,
-        )  # fmt: skip
+        if rate is not None:
+            try:
+                lo, hi = (float(v) for v in retry_delay.split(","))
+            except ValueError:
+                _fail(f"--retry-delay must be two numbers 'low,high' (seconds), got {retry_delay!r}")
+            users = RetrialUsers(max_retries=max_retries, delay_s=(lo, hi), patience_s=patience)
+            res = run_open_loop(
+                url, dataset, split, requests, rate, out, retrials=retrials, feedback=feedback, cold_start=cold_start,
+                seed=seed, sampler=preference_sampler, w_cost=w_cost, users=users, data_dir=data_dir,
+            )  # fmt: skip
+            keys = ("attempts", "status_503", "retrial_rate_first_500", "retrial_rate_last_500", "queue_length_max",
+                    "staleness_p95_s", "checkpoint")  # fmt: skip
+        else:
+            if w_cost is not None:
+                _fail("--w-cost is for the open loop (--rate); the closed loop draws preferences with --preference-sampler")
+            res = run_simulation(
+                url, dataset, split, requests, concurrency, out, retrials=retrials, cold_start=cold_start, seed=seed,
+                sampler=preference_sampler, data_dir=data_dir, feedback=True if feedback is None else feedback,
+            )  # fmt: skip
+            keys = ("completed", "failed_fraction", "mean_reward", "staleness_p95_s", "checkpoint")
     except (DataError, SimulationError) as e:
         _fail(str(e))
     except OSError as e:
         _fail(f"cannot reach {url}: {e}")
-    keys = ("completed", "failed_fraction", "mean_reward", "staleness_p95_s", "checkpoint")
     console.print({k: res[k] for k in keys})
     console.print(f"wrote {out / 'online.json'} and {out / 'online.png'}")
+
+
+@app.command("queue-eval")
+def queue_eval(
+    dataset: str = DatasetOpt,
+    load: float = typer.Option(
+        0.9, "--load", help="rho = lambda / mu_sat, mu_sat = departures/step of the theta*-oracle with a saturated queue."
+    ),
+    steps: int = typer.Option(20000, "--steps", min=4, help="Steps per (policy, seed) run."),
+    seeds: str = typer.Option("0-4", "--seeds", help="Seeds: a range '0-4' or a list '0,2,7'."),
+    out: Path = typer.Option(Path("reports/queue"), "--out", "-o", help="Folder for queue.json, checks.json and the figures."),
+    satisfaction: str = typer.Option("logged", "--satisfaction", help="logged (the logged scores) or logistic (mu(z^T theta*))."),
+    policies: str = typer.Option(
+        "acqb,acqb_ts,linucb,barp,greedy,random,random_pool,oracle",
+        "--policies",
+        help="Comma-separated, from acqb, acqb_ts, acqb_eps, linucb, barp, greedy, random, random_pool, oracle.",
+    ),
+    features: str = typer.Option(
+        "projection",
+        "--features",
+        help="projection (default: ACQB on raw 384-d embeddings is ~30x slower per update) or none. The projection is "
+        "trained on the train split with every model's outcome (full information; banditrouter/features.py).",
+    ),
+    features_dim: int = FeaturesDimOpt,
+    contexts: str = typer.Option("test", "--contexts", help="Which split's prompts arrive as jobs: test, train or all."),
+    capacity: str = typer.Option("1", "--capacity", help="Jobs per step per model: one integer, or one per model (a,b,...)."),
+    arrivals: str = typer.Option("poisson", "--arrivals", help="poisson or bernoulli (lambda <= 1)."),
+    p_retry: float | None = typer.Option(
+        None, "--p-retry", min=0.0, max=1.0, help="P(an unsatisfied user retries); default 0.5 (envs/queueing.py)."
+    ),
+    preference: str = typer.Option("1,0", "--preference", help="w_quality,w_cost for every job (default quality only)."),
+    update_batch: int = typer.Option(64, "--update-batch", min=1, help="Samples per policy update."),
+    window: int = typer.Option(256, "--window", min=1, help="Queue-aware policies see the oldest this many waiting jobs."),
+    workers: int = typer.Option(2, "--workers", min=1, help="Parallel processes, one (policy, seed) run each."),
+    data_dir: Path | None = DataDirOpt,
+):
+    """Policies in the queueing env (envs/queueing.py) learning from retrials only: ACQB schedules one pool,
+    the others route at arrival into per-model FIFO queues; writes queue.json, checks.json, queue_length.png
+    and regret.png."""
+    from banditrouter.data import DataError
+    from banditrouter.evaluation.queue import parse_seeds, run_queue_eval
+    from banditrouter.policies import StateError
+    from envs.queueing import DEFAULT_P_RETRY
+
+    try:
+        cap = [int(c) for c in capacity.split(",")]
+        pref = [float(w) for w in preference.split(",")]
+    except ValueError:
+        _fail(f"--capacity takes integers and --preference two numbers, got {capacity!r} and {preference!r}")
+    try:
+        res = run_queue_eval(
+            dataset,
+            out,
+            load=load,
+            steps=steps,
+            seeds=parse_seeds(seeds),
+            satisfaction=satisfaction,
+            policies=[p.strip() for p in policies.split(",") if p.strip()],
+            features=features,
+            features_dim=features_dim,
+            contexts=contexts,
+            capacity=cap[0] if len(cap) == 1 else cap,
+            arrivals=arrivals,
+            p_retry=DEFAULT_P_RETRY if p_retry is None else p_retry,
+            preference=pref,
+            update_batch=update_batch,
+            window=window,
+            workers=workers,
+            data_dir=data_dir,
+            log_fn=console.print,
+        )
+    except (DataError, ValueError, StateError, FileNotFoundError) as e:
+        _fail(str(e))
+    r = res.results
+    title = f"{r['dataset']} queue-eval: {r['satisfaction']}, load {r['load']}, {r['steps']} steps, seeds {r['seeds']}"
+    table = Table(title=title)
+    for col in ("policy", "avg Q", "final Q", "retrial", "abandon", "satisfied", "cost/service", "routing regret"):
+        table.add_column(col, justify="right")
+    for name, p in r["policies"].items():
+        table.add_row(
+            name,
+            f"{p['time_avg_queue_length']:.1f}",
+            f"{p['final_queue_length']:.1f}",
+            f"{p['retrial_rate']:.3f}",
+            f"{p['abandon_rate']:.3f}",
+            f"{p['satisfaction']:.3f}",
+            f"{p['cost']:.2e}",
+            f"{p['regret'][-1][1]:.1f}",
+        )
+    Console().print(table)
+    c = res.checks
+    if "queue_vs_best_baseline" in c:
+        q = c["queue_vs_best_baseline"]
+        console.print(f"acqb avg queue / best baseline's ({q['best_baseline']}): {q['ratio']:.3f} (target <= 0.8)")
+    if "acqb" in c.get("queue_regret_quarters", {}):
+        q = c["queue_regret_quarters"]["acqb"]
+        ratio = "n/a" if q["ratio"] is None else f"{q['ratio']:.3f}"
+        console.print(
+            f"acqb queue-length regret, last/first quarter: {q['last']:.2f} / {q['first']:.2f} = {ratio} (target <= 0.5)"
+        )
+    slopes = {k: v for k, v in c["slope_second_half"].items() if k.startswith("acqb")}
+    if slopes:
+        shown = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in slopes.items())
+        console.print(f"routing regret log-log slope over the second half: {shown}")
+    console.print(f"wrote {out}/queue.json, checks.json, queue_length.png, regret.png in {res.seconds:.0f}s")
 
 
 @data_app.command("fetch")

@@ -67,14 +67,28 @@ class EmbedderConfig(_Strict):
 class RouterConfig(_Strict):
     num_replicas: int = Field(1, ge=1, description="Router (and ingress) replicas.")
     max_ongoing_requests: int = Field(512, ge=1, description="Serve max_ongoing_requests per replica.")
-    queue_capacity: int = Field(256, ge=1, description="Per model: requests waiting for a slot before 503.")
-    max_in_flight_per_model: int = Field(64, ge=1, description="Per model: requests dispatched at once.")
+    queue_capacity: int = Field(
+        256,
+        ge=1,
+        description="Requests that may wait for a model slot before 503 + Retry-After: per model (FIFO, a policy that"
+        " decides at arrival), or in the replica's one waiting pool (a queue-aware policy: ACQB).",
+    )
+    max_in_flight_per_model: int = Field(
+        64, ge=1, description="Per model and router replica: requests dispatched at once (the model's slots)."
+    )
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0.5}, description="Per replica.")
     events_path: Path | None = Field(None, description="Append decision events as JSONL here (None: keep in memory).")
     model_timeout_s: float = Field(
         120.0,
         gt=0,
         description="Per routed model call: past this the request answers 504 and the decision is logged with outcome 'timeout'.",
+    )
+    context_turns: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="User turns the router embeds: 1 = the latest user turn only; n > 1 = the latest turn first, then up to"
+        " n-1 earlier user turns, newest first (the embedder truncates at 256 tokens: old context goes, never the latest turn).",
     )
 
 
@@ -85,12 +99,30 @@ class LearningConfig(_Strict):
     max_wait_s: float = Field(0.5, gt=0, description="Update with fewer samples once the oldest waited this long.")
     poll_interval_s: float = Field(0.05, gt=0, description="How often the idle learner polls the buffer.")
     retrial_similarity: float = Field(
-        0.9, ge=-1, le=1, description="theta: cosine at or above which a user's next prompt is a retrial."
+        0.9,
+        ge=-1,
+        le=1,
+        description="theta: a user's next request whose latest user turn has cosine >= theta with the previous one's (or the"
+        " same normalised text), without the previous answer in it, is a retrial of the previous decision.",
     )
     retrial_window_s: float = Field(
-        60.0, gt=0, description="T: a retrial must come within this; after it a decision is accepted."
+        60.0,
+        gt=0,
+        description="T: a retrial must be decided within T of the previous answer's delivery; a decision whose user sends"
+        " nothing within T is accepted.",
     )
-    train_on_implicit: bool = Field(False, description="Learn from retrials (score 0) and acceptances (score 1).")
+    retrial_grace_s: float = Field(
+        10.0,
+        ge=0,
+        description="The buffer tracks a decision T + this after it arrives (routers log a decision once answered, so the"
+        " next request reaches the buffer up to its own latency later); acceptance for want of a next request waits as long."
+        " A next request arriving later labels nothing: raise it toward router.model_timeout_s to catch slow retries.",
+    )
+    train_on_implicit: bool | None = Field(
+        None,
+        description="Learn from retrials (score 0) and acceptances (score 1) when no explicit score came (an explicit"
+        " one wins). Default (None): on for a queue-aware policy (ACQB learns from retrials), off for the others.",
+    )
     cold_start: bool = Field(False, description="Start the learner from an untrained policy (same pool and tau).")
     replay_steps: int = Field(
         4, ge=0, le=32, description="BaRP only: extra off-policy gradient steps per update on past samples (0: none)."
@@ -244,6 +276,20 @@ class AppConfig(_Strict):
                     "propensities of logged decisions, and argmax decisions (propensity 1) bias it and never explore. "
                     "Set policy.explore: true (sample from the policy) or learning.enabled: false."
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _implicit_default(self):
+        """`learning.train_on_implicit: null` (the default) becomes true for a queue-aware policy (ACQB's only
+        signal is the retrial) and false for the others, so the learner always gets a bool."""
+        if self.learning.train_on_implicit is None:
+            from banditrouter.policies import policy_class
+
+            try:
+                queue_aware = policy_class(self.policy.name).queue_aware
+            except ValueError as e:
+                raise ValueError(f"policy.name: {e}") from None
+            object.__setattr__(self, "learning", self.learning.model_copy(update={"train_on_implicit": bool(queue_aware)}))
         return self
 
     @property

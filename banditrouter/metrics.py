@@ -7,6 +7,9 @@ banditrouter_weights_rejected_total         weight blobs a router refused
 banditrouter_model_failures_total{model,outcome}  routed calls that failed: outcome error | timeout
 banditrouter_decision_spill_events          decisions a router replica holds in its spill file (buffer slow or down)
 banditrouter_decisions_spilled_total        decisions a router replica had to spill
+banditrouter_queue_length{replica}          requests waiting in a router replica (ACQB: its pool; FIFO: all its model queues)
+banditrouter_queue_wait_s{replica}          histogram: seconds a routed request waited for a model slot
+banditrouter_queue_full_total{replica}      requests refused (503 + Retry-After) because the pool or queue was full
 banditrouter_feedback_total{kind}           explicit / retrial / accepted outcomes the learner consumed
 banditrouter_feedback_refused_total{reason} poisoned or invalid feedback refused at the buffer
 banditrouter_reward                         mean reward of the learner's last update
@@ -18,11 +21,13 @@ banditrouter_learner_version                version the learner last published
 
 from __future__ import annotations
 
-from ray.util.metrics import Counter, Gauge
+from ray.util.metrics import Counter, Gauge, Histogram
+
+QUEUE_WAIT_BOUNDARIES_S = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
 
 
 class RouterMetrics:
-    def __init__(self):
+    def __init__(self, replica: str = "local"):
         self.decisions = Counter("banditrouter_decisions_total", "Routed decisions per model.", tag_keys=("model",))
         self.cost = Counter("banditrouter_cost_usd_total", "Spend per model (USD).", tag_keys=("model",))
         self.version = Gauge("banditrouter_policy_version", "Policy version this router replica serves.")
@@ -33,6 +38,22 @@ class RouterMetrics:
         self.spill_depth = Gauge("banditrouter_decision_spill_events", "Decisions in this router replica's spill file.")
         self.spilled = Counter("banditrouter_decisions_spilled_total", "Decisions this router replica had to spill.")
         self._spilled_seen = 0
+        tags = {"replica": replica}
+        self.queue_length = Gauge(
+            "banditrouter_queue_length", "Requests waiting in this router replica for a model slot.", tag_keys=("replica",)
+        )
+        self.queue_wait = Histogram(
+            "banditrouter_queue_wait_s",
+            "Seconds a routed request waited for a model slot.",
+            boundaries=QUEUE_WAIT_BOUNDARIES_S,
+            tag_keys=("replica",),
+        )
+        self.queue_full = Counter(
+            "banditrouter_queue_full_total", "Requests refused because the pool or queue was full.", tag_keys=("replica",)
+        )
+        for m in (self.queue_length, self.queue_wait, self.queue_full):
+            m.set_default_tags(tags)
+        self.queue_length.set(0.0)
 
     def decision(self, model: str, cost: float | None) -> None:
         self.decisions.inc(1.0, tags={"model": model})

@@ -37,11 +37,31 @@ class DecisionEvent:
     pool_version: str
     user: str | None = None
     time: float = field(default_factory=time.time)
+    """When the decision was made (wall clock, before the model call): the user saw the answer at about
+    `time + latency_s` (+ any queue wait after the decision), which is where the retrial window starts."""
     event_id: str = field(default_factory=new_id)
     kind: Literal["decision"] = "decision"
     outcome: Literal["ok", "error", "timeout"] = "ok"
     """How the model call ended: "ok", or "error" / "timeout" (then `cost_usd` is what the failed call cost,
     0.0 when unknown, and the router emits a FeedbackEvent of the same kind with value 0.0 after it)."""
+    # -- what the buffer needs to read the user's next request (deployments/conversation.py); all optional,
+    # so logs written before these fields existed still load (the buffer then falls back on `context`)
+    turn_ref: str | None = None
+    """`text_ref` of the latest user turn (normalised): equal refs are the same question re-sent."""
+    answer_ref: str | None = None
+    """`text_ref` of the answer this decision returned; None when the call failed or the answer is unknown."""
+    history_refs: tuple[str, ...] = ()
+    """`text_ref` of the assistant turns the request carried (the last 8): holding the previous decision's
+    `answer_ref` makes the request a continuation of it."""
+    turn_context: list[float] | None = None
+    """Embedding of the latest user turn, only when it differs from `context` (router.context_turns > 1 and
+    earlier turns present); None means `context` is the latest turn's embedding."""
+    queue_wait_s: float | None = None
+    """Seconds the request waited in the router's pool for a model slot (joint scheduling; None when not
+    measured)."""
+    queue_length: int | None = None
+    """Requests waiting in the router's pool when this one was decided (joint scheduling; None when not
+    measured)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

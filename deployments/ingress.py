@@ -25,6 +25,7 @@ from ray import serve
 
 from banditrouter.config import AppConfig
 from banditrouter.schemas import new_id
+from deployments import conversation
 from deployments.backends import BackendError, CompletionRequest, CompletionResult
 from deployments.router import ModelTimeout, QueueFull, RouteRequest
 
@@ -70,11 +71,7 @@ class ChatRequest(BaseModel):
 
 
 def _text(m: MessageIn) -> str:
-    if isinstance(m.content, str):
-        return m.content
-    if isinstance(m.content, list):
-        return "\n".join(p.get("text", "") for p in m.content if isinstance(p, dict) and p.get("type") == "text")
-    return ""
+    return conversation.content_text(m.content)  # the same text the router reads (deployments/conversation.py)
 
 
 class ApiError(Exception):
@@ -171,8 +168,13 @@ class Ingress:
         request_id = _request_id(request)
         try:
             body = await self._parse(request)
-            prompt = "\n".join(_text(m) for m in body.messages if m.role == "user")
             messages = [m.model_dump(exclude_none=True) for m in body.messages]
+            # the latest user turn (+ router.context_turns - 1 earlier ones, newest first), not all turns joined
+            try:
+                conv = conversation.parse(messages, self.cfg.router.context_turns)
+            except ValueError as e:  # e.g. the only user text is whitespace
+                raise ApiError(422, f"messages: {e}") from None
+            prompt = conv.routing_text
             if body.model == "router":
                 req = RouteRequest(
                     request_id=request_id,
@@ -182,6 +184,8 @@ class Ingress:
                     max_tokens=body.max_tokens,
                     temperature=body.temperature,
                     user=body.user or request.headers.get("x-user-id"),
+                    turn=conv.turn,
+                    history_refs=conv.history_refs,
                 )
                 if body.stream:
                     return await self._stream_routed(request_id, req)
@@ -196,8 +200,11 @@ class Ingress:
             return self._completion(request_id, result, body.model, None)
         except ApiError as e:
             return _error(request_id, e)
-        except QueueFull:
-            return _error(request_id, ApiError(503, "the chosen model's queue is full; retry later", "overloaded"))
+        except QueueFull as e:  # the router's pool (ACQB) or the chosen model's queue is full
+            full = _cause(e)
+            resp = _error(request_id, ApiError(503, str(full) or "the router's queue is full; retry later", "overloaded"))
+            resp.headers["Retry-After"] = str(max(1, int(getattr(full, "retry_after_s", 1))))  # RFC 9110 delay-seconds
+            return resp
         except BackendError as e:
             return _error(request_id, ApiError(502, f"model backend failed: {_cause(e)}", "upstream_error"))
         except ModelTimeout as e:

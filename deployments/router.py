@@ -1,9 +1,13 @@
 """Router deployment: embeds the prompt (through the batched embedder), asks the policy, dispatches to the
 chosen model through a bounded per-model admission queue, and emits a DecisionEvent.
 
-Admission is capacity-aware: at most `max_in_flight_per_model` requests run on a model at once and at most
-`queue_capacity` wait; beyond that the request is refused (503) rather than queued without bound. Which
-waiting request goes next is FIFO here; ACQB's scheduling replaces that rule.
+Admission is capacity-aware (`deployments/scheduler.py`): at most `max_in_flight_per_model` requests run on
+a model at once. A policy that decides at arrival (BaRP, LinUCB, ...) picks the model first, then the request
+waits FIFO for that model, at most `queue_capacity` per model. A queue-aware policy (ACQB) routes and
+schedules jointly: requests wait in one pool of at most `queue_capacity`, and whenever a model frees a slot
+the policy's `schedule` picks the (waiting request, free model) pairs. Beyond either bound the request is
+refused (503 with Retry-After) rather than queued without bound. The decision records the queue wait and
+the queue length at decision; `banditrouter_queue_length` exports the replica's waiting count.
 
 The response never waits on the learning path: the decision goes to a `DecisionShipper`
 (`deployments/delivery.py`) that delivers it to the buffer in the background, with a bounded timeout and a
@@ -16,6 +20,8 @@ event of that kind (value 0), so the policy learns that the arm fails, and then 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -29,40 +35,15 @@ from banditrouter.config import AppConfig
 from banditrouter.embeddings import text_key
 from banditrouter.schemas import DecisionEvent, FeedbackEvent, new_id
 from deployments.backends import CompletionRequest, CompletionResult
+from deployments.conversation import text_ref
 from deployments.events import make_sink
+from deployments.scheduler import AdmissionQueue, PoolScheduler, QueueFull  # noqa: F401 (QueueFull: the ingress's 503)
 
 logger = logging.getLogger("ray.serve")
 
 
-class QueueFull(RuntimeError):
-    pass
-
-
 class ModelTimeout(RuntimeError):
     """The routed model did not answer within `router.model_timeout_s`; the ingress answers 504."""
-
-
-class AdmissionQueue:
-    def __init__(self, max_in_flight: int, capacity: int):
-        self.slots = asyncio.Semaphore(max_in_flight)
-        self.capacity = capacity
-        self.waiting = 0
-
-    async def __aenter__(self):
-        if self.slots.locked():
-            if self.waiting >= self.capacity:
-                raise QueueFull
-            self.waiting += 1
-            try:
-                await self.slots.acquire()
-            finally:
-                self.waiting -= 1
-        else:
-            await self.slots.acquire()
-        return self
-
-    async def __aexit__(self, *exc):
-        self.slots.release()
 
 
 @dataclass(frozen=True)
@@ -70,10 +51,32 @@ class RouteRequest:
     request_id: str
     messages: list
     prompt: str
+    """The routing text the router embeds: the latest user turn, then `router.context_turns - 1` earlier ones
+    (deployments/conversation.py)."""
     preference: tuple[float, float]
     max_tokens: int | None = None
     temperature: float | None = None
     user: str | None = None
+    turn: str | None = None
+    """The latest user turn's text; None: `prompt` is the latest turn."""
+    history_refs: tuple[str, ...] = ()
+    """`text_ref` of the assistant turns the request carries (the last 8), for continuation detection."""
+
+
+@dataclass(frozen=True)
+class RoutedDecision:
+    """The policy's decision for one request (it duck-types `banditrouter.policies.Decision`: arm,
+    propensity, policy_version) with what the DecisionEvent records about the moment it was made: `time`
+    (wall clock, before the model call), the latest turn's embedding when it differs from the routing
+    context, and the queue wait / length at decision where a scheduler measured them."""
+
+    arm: int
+    propensity: float
+    policy_version: int
+    time: float
+    turn_context: np.ndarray | None = None
+    queue_wait_s: float | None = None
+    queue_length: int | None = None
 
 
 @serve.deployment(name="router")
@@ -89,7 +92,6 @@ class Router:
             raise ValueError(f"policy {cfg.policy.checkpoint} routes to {missing}, which the pool does not serve")
         self.embedder = embedder
         self.models = models
-        self.queues = {m: AdmissionQueue(cfg.router.max_in_flight_per_model, cfg.router.queue_capacity) for m in models}
         self.sink = make_sink(cfg.router.events_path)
         self.pool_version = text_key(",".join(sorted(models)))[:12]
         self.buffer = self.learner = self.shipper = None
@@ -97,8 +99,23 @@ class Router:
         self.weights = {"installed": 0, "rejected": 0, "last_error": None}
         from banditrouter.metrics import RouterMetrics
 
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(self._replica())
         self.metrics.version.set(self.policy.version)
+        r = cfg.router
+        # A queue-aware policy (ACQB) schedules one waiting pool: whenever a model frees a slot it picks the
+        # (waiting request, free model) pairs. The others decide at arrival and wait FIFO for that model.
+        self.pool: PoolScheduler | None = None
+        self.queues: dict[str, AdmissionQueue] = {}
+        if self.policy.queue_aware:
+            self.pool = PoolScheduler(
+                len(self.policy.models),
+                r.max_in_flight_per_model,
+                r.queue_capacity,
+                self._schedule,
+                on_change=lambda n: self.metrics.queue_length.set(float(n)),
+            )
+        else:
+            self.queues = {m: AdmissionQueue(r.max_in_flight_per_model, r.queue_capacity) for m in models}
         if cfg.learning.enabled:
             from deployments.delivery import DecisionShipper, spill_file
             from learner.actors import get_or_create_buffer, get_or_create_learner
@@ -217,8 +234,17 @@ class Router:
         latency_s: float | None = None,
     ) -> None:
         """Record the decision (and, for a failed call, its outcome event). Never waits: the buffer gets it
-        through the shipper, after the caller has its answer."""
+        through the shipper, after the caller has its answer.
+
+        `d` is a `RoutedDecision` (from `_prepare`) or anything with arm / propensity / policy_version, and
+        optionally `time`, `turn_context`, `queue_wait_s`, `queue_length` (a scheduler's grant). Without a
+        `time` the decision is taken to have been made when the model call started (now - latency)."""
         failed = outcome != "ok"
+        lat = latency_s if failed else (result.latency_s if result else None)
+        decided_at = getattr(d, "time", None)
+        if decided_at is None:
+            decided_at = time.time() - (lat or 0.0)
+        turn_x = getattr(d, "turn_context", None)
         ev = DecisionEvent(
             decision_id=decision_id,
             request_id=req.request_id,
@@ -231,10 +257,17 @@ class Router:
             context=[float(v) for v in x],
             context_ref=text_key(req.prompt),
             cost_usd=0.0 if failed else (result.cost_usd if result else None),
-            latency_s=latency_s if failed else (result.latency_s if result else None),
+            latency_s=lat,
             pool_version=self.pool_version,
             user=req.user,
+            time=float(decided_at),
             outcome=outcome,
+            turn_ref=text_ref(req.turn if req.turn is not None else req.prompt),
+            answer_ref=text_ref(result.text) if result is not None and not failed else None,
+            history_refs=tuple(req.history_refs),
+            turn_context=None if turn_x is None else [float(v) for v in turn_x],
+            queue_wait_s=getattr(d, "queue_wait_s", None),
+            queue_length=getattr(d, "queue_length", None),
         )
         events = [ev]
         if failed:
@@ -247,11 +280,22 @@ class Router:
             # not awaited: feedback that reaches the buffer before the decision is held there until it arrives
             self.shipper.submit(*(e.to_dict() for e in events))  # a decision and its outcome, never split
 
+    async def _embed(self, req: RouteRequest) -> tuple[np.ndarray, np.ndarray | None]:
+        """The routing text's embedding, and the latest turn's when the routing text holds more (both
+        requests go out at once)."""
+        turn = req.turn if req.turn is not None and req.turn != req.prompt else None
+        calls = [self.embedder.remote(req.prompt)] + ([self.embedder.remote(turn)] if turn is not None else [])
+        embs = await asyncio.gather(*calls)
+        x = np.asarray(embs[0], dtype=np.float32)
+        return x, (np.asarray(embs[1], dtype=np.float32) if turn is not None else None)
+
     async def _prepare(self, req: RouteRequest):
         await self._ensure_sync()
-        x = np.asarray(await self.embedder.remote(req.prompt), dtype=np.float32)
+        x, turn_x = await self._embed(req)
         d = self._decide(x, req.preference)
-        return x, d, self.policy.models[d.arm], new_id()
+        # stamped here, before any queue wait and the model call: the retrial window starts at the answer
+        routed = RoutedDecision(d.arm, d.propensity, d.policy_version, time=time.time(), turn_context=turn_x)
+        return x, routed, self.policy.models[d.arm], new_id()
 
     def _completion_request(self, req: RouteRequest, x: np.ndarray) -> CompletionRequest:
         return CompletionRequest(
@@ -266,9 +310,65 @@ class Router:
     def _timeout(self, model: str) -> ModelTimeout:
         return ModelTimeout(f"model {model!r} did not answer within {self.cfg.router.model_timeout_s:g} s")
 
-    async def route(self, req: RouteRequest) -> dict:
+    def _schedule(self, contexts: np.ndarray, preferences: np.ndarray, free: np.ndarray):
+        """The pool's joint decision, by whichever policy object is installed now."""
+        return self.policy.schedule(contexts, preferences, free, explore=self.cfg.policy.explore)
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, req: RouteRequest):
+        """Decide and hold a slot on the chosen model for the length of the call: yields (x, d, model,
+        decision_id) with `d` a RoutedDecision carrying the queue wait and the queue length at decision.
+
+        Pool (queue-aware policy): embed, wait in the pool until the policy gives the request a free model
+        (the decision and its time are that moment). FIFO: decide at arrival (`_prepare`), then wait for a
+        slot on that model. `queue_length` counts the other requests waiting in this replica at decision.
+        QueueFull (the ingress's 503) when the pool, or the chosen model's queue, is full."""
+        if self.pool is not None:
+            await self._ensure_sync()
+            x, turn_x = await self._embed(req)
+            try:
+                grant = await self.pool.acquire(x, req.preference)
+            except QueueFull:
+                self.metrics.queue_full.inc()
+                raise
+            d = RoutedDecision(
+                grant.arm,
+                grant.propensity,
+                grant.policy_version,
+                time=time.time(),
+                turn_context=turn_x,
+                queue_wait_s=grant.queue_wait_s,
+                queue_length=grant.queue_length,
+            )
+            self.metrics.queue_wait.observe(grant.queue_wait_s)
+            async with self.pool.slot(grant):
+                yield x, d, self.policy.models[d.arm], new_id()
+            return
         x, d, model, decision_id = await self._prepare(req)
-        async with self.queues[model]:
+        queue, length, t0 = self.queues[model], self._fifo_waiting(), time.monotonic()
+        self.metrics.queue_length.set(float(length + queue.slots.locked()))
+        try:
+            await queue.__aenter__()
+        except QueueFull:
+            self.metrics.queue_full.inc()
+            raise
+        try:
+            waited = time.monotonic() - t0
+            self.metrics.queue_wait.observe(waited)
+            self.metrics.queue_length.set(float(self._fifo_waiting()))
+            yield x, dataclasses.replace(d, queue_wait_s=waited, queue_length=length), model, decision_id
+        finally:
+            await queue.__aexit__(None, None, None)
+
+    def _fifo_waiting(self) -> int:
+        return sum(q.waiting for q in self.queues.values())
+
+    @staticmethod
+    def _with_queue(routing: dict, d) -> dict:
+        return {**routing, "queue_wait_s": d.queue_wait_s, "queue_length": d.queue_length}
+
+    async def route(self, req: RouteRequest) -> dict:
+        async with self._admitted(req) as (x, d, model, decision_id):
             t0 = time.perf_counter()
             call = self.models[model].complete.remote(self._completion_request(req, x))
             try:
@@ -281,16 +381,16 @@ class Router:
                 self._emit(req, decision_id, model, d, x, None, "error", time.perf_counter() - t0)
                 raise
         self._emit(req, decision_id, model, d, x, result)
-        return {"result": result, "routing": self._routing(decision_id, model, d, result.cost_usd)}
+        return {"result": result, "routing": self._with_queue(self._routing(decision_id, model, d, result.cost_usd), d)}
 
     async def route_stream(self, req: RouteRequest):
-        """Yields the routing dict first, then text chunks, then the final CompletionResult. The timeout
-        bounds the whole stream; a failure mid-stream is logged as the decision's outcome and re-raised (the
-        status line has gone out by then: the client sees the stream end early)."""
-        x, d, model, decision_id = await self._prepare(req)
-        yield self._routing(decision_id, model, d, None)
+        """Yields the routing dict first (once the request holds a model slot, so a full queue is still a
+        503), then text chunks, then the final CompletionResult. The timeout bounds the whole stream; a
+        failure mid-stream is logged as the decision's outcome and re-raised (the status line has gone out by
+        then: the client sees the stream end early)."""
         result = None
-        async with self.queues[model]:
+        async with self._admitted(req) as (x, d, model, decision_id):
+            yield self._with_queue(self._routing(decision_id, model, d, None), d)
             t0 = time.perf_counter()
             deadline = time.monotonic() + self.cfg.router.model_timeout_s
             gen = self.models[model].options(stream=True).stream.remote(self._completion_request(req, x))
@@ -323,12 +423,27 @@ class Router:
             "policy": self.policy.name,
             "policy_version": self.policy.version,
             "models": list(self.policy.models),
-            "queues": {m: {"waiting": q.waiting} for m, q in self.queues.items()},
+            "queues": {m: {"waiting": q.waiting, "in_flight": q.in_flight} for m, q in self.queues.items()},
+            "pool": self._pool_info(),
             "tau": self.policy.tau,
             "weights": dict(self.weights),
             "delivery": self.shipper.stats() if self.shipper is not None else None,
             "replica": self._replica(),
             "time": time.time(),
+        }
+
+    def _pool_info(self) -> dict | None:
+        """The waiting pool of a queue-aware policy (None for FIFO): waiting, capacity, per-model slots in use
+        and free, the oldest wait, and counts (admitted, scheduled, refused, cancelled, released)."""
+        if self.pool is None:
+            return None
+        st = self.pool.stats()
+        models = self.policy.models
+        return {
+            **st,
+            "in_flight": dict(zip(models, st["in_flight"], strict=True)),
+            "free": dict(zip(models, st["free"], strict=True)),
+            "max_in_flight_per_model": self.pool.max_in_flight,
         }
 
     def recent_events(self, n: int = 100) -> list[dict]:

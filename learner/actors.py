@@ -44,6 +44,7 @@ class BufferActor:
         feedback_hold_s: float = 30.0,
         max_held_feedback: int = 10_000,
         max_tracked_users: int = 100_000,
+        retrial_grace_s: float = 10.0,
     ):
         from learner.buffer import EventBuffer
 
@@ -54,6 +55,7 @@ class BufferActor:
             feedback_hold_s=feedback_hold_s,
             max_held_feedback=max_held_feedback,
             max_tracked_users=max_tracked_users,
+            retrial_grace_s=retrial_grace_s,
         )
         self._last_sweep = time.time()
 
@@ -359,6 +361,7 @@ def get_or_create_buffer(cfg: AppConfig):
         lc.feedback_hold_s,
         lc.max_held_feedback,
         lc.max_tracked_users,
+        lc.retrial_grace_s,
     )
 
 

@@ -2,8 +2,20 @@
 (`learner/eventlog.py`) plus feedback validation and implicit signals.
 
 It validates feedback against the decisions it holds (a second different score, NaN or out-of-range values
-are refused and counted) and turns a user's repeated prompt into a `retrial` of their previous decision
-(cosine >= theta within T seconds); a decision with a user and no retrial within T becomes `accepted`.
+are refused and counted) and reads each user's next request as an implicit label of their previous decision
+(ARCHITECTURE.md "Implicit signals"; the rules, ours, are in `EventBuffer._label_previous`):
+
+- the previous call failed (outcome error/timeout): it is labelled by its own outcome event; the new request
+  retries it, so no older decision is labelled;
+- the new request carries the previous answer as an assistant turn (continuation) -> previous `accepted` (1);
+- same latest user turn (same normalised text, or cosine >= theta of the latest-turn embeddings), previous
+  answer absent, decided within T of the previous answer's delivery (decision time + latency) -> `retrial` (0);
+- anything else (a new question, or a request after T) -> `accepted` (1); no request within T -> `accepted`
+  when the decision's tracking expires, T + grace after it reached the buffer (`sweep`).
+Implicit labels have the event id `<decision_id>:implicit`, so a decision gets at most one, whatever is
+re-delivered or replayed. A decision older than the user's tracked one (out of order), decided before the
+previous answer was delivered (concurrent), or re-delivered labels nothing; each case is counted in
+`stats()["implicit"]`. After a restart the tracking state is rebuilt from the log's last 2(T + grace) seconds.
 
 Routers deliver decisions in the background (`deployments/delivery.py`), after answering, so feedback can
 arrive before its decision. Such feedback is *held* (answered "held", HTTP 202) for `feedback_hold_s`: when
@@ -12,17 +24,19 @@ that expires is refused as `unknown_decision`. Holds are written to a small SQLi
 (`<log>.held.sqlite`), so a buffer restart does not lose feedback it already answered 202 for.
 
 Every piece of in-memory state is bounded: the per-user retrial state and the decisions awaiting acceptance
-are TTL caches (TTL = the retrial window, at most `max_tracked_users` entries), the holds one of at most
+are TTL caches (TTL = the retrial window + grace, at most `max_tracked_users` entries), the holds one of at most
 `max_held_feedback` entries with TTL `feedback_hold_s`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +48,53 @@ from learner.eventlog import SQLiteEventLog
 
 ROUTER_OUTCOMES = ("error", "timeout")
 """Outcome events a router emits itself, right after the decision (the model call failed)."""
+
+
+def implicit_event_id(decision_id: str) -> str:
+    """The one event id a decision's implicit label (retrial or accepted) can have."""
+    return f"{decision_id}:implicit"
+
+
+@dataclass(frozen=True)
+class _Tracked:
+    """A user's latest decision, as the next request is compared with it."""
+
+    decision_id: str
+    time: float
+    """When it was decided."""
+    delivered: float
+    """When the user had its answer (or its failure): `time + latency_s`."""
+    failed: bool
+    turn_ref: str | None
+    turn_x: np.ndarray | None
+    """The latest user turn's embedding, unit norm (None when the event had none)."""
+    answer_ref: str | None
+    history_refs: frozenset[str]
+
+    @classmethod
+    def of(cls, e: dict[str, Any], now: float) -> _Tracked:
+        t = e.get("time")
+        t = float(t) if isinstance(t, int | float) and math.isfinite(t) else now
+        lat = e.get("latency_s")
+        lat = float(lat) if isinstance(lat, int | float) and math.isfinite(lat) and lat > 0 else 0.0
+        ctx = e.get("turn_context")
+        if ctx is None:
+            ctx = e.get("context")
+        x = None
+        if ctx is not None:
+            x = np.asarray(ctx, dtype=np.float32).reshape(-1)
+            norm = float(np.linalg.norm(x))
+            x = x / norm if norm > 0 and math.isfinite(norm) else None
+        return cls(
+            decision_id=e["decision_id"],
+            time=t,
+            delivered=t + lat,
+            failed=e.get("outcome", "ok") != "ok",
+            turn_ref=e.get("turn_ref"),
+            turn_x=x,
+            answer_ref=e.get("answer_ref"),
+            history_refs=frozenset(e.get("history_refs") or ()),
+        )
 
 
 class FeedbackRefused(ValueError):
@@ -116,31 +177,47 @@ class EventBuffer:
         feedback_hold_s: float = 30.0,
         max_held_feedback: int = 10_000,
         max_tracked_users: int = 100_000,
+        retrial_grace_s: float = 10.0,
         clock: Callable[[], float] = time.time,
     ):
-        """`clock` is the buffer's notion of now (wall time; a simulation or a soak passes its own)."""
+        """`clock` is the buffer's notion of now (wall time; a simulation or a soak passes its own).
+        `retrial_grace_s`: a decision is tracked (and accepted for want of a next request) T + grace after it
+        reached the buffer, because routers log a decision once it is answered: the next request, decided
+        within T, reaches the buffer up to its own latency (and the delivery delay) later."""
+        if not (0 < retrial_window_s < math.inf and 0 <= retrial_grace_s < math.inf):
+            raise ValueError(f"need retrial_window_s > 0 and retrial_grace_s >= 0, got {retrial_window_s}, {retrial_grace_s}")
         self.log = SQLiteEventLog(path)
         self.clock = clock
+        self._replay_at: float | None = None  # while rebuilding: the time a replayed decision arrived
         self.theta, self.window, self.hold_s = retrial_similarity, retrial_window_s, feedback_hold_s
+        self.tracked_s = retrial_window_s + retrial_grace_s
         self.refused: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         """Tracking state pushed out by the size bounds (no event is lost: these only miss an implicit label)."""
         self.holds: Counter[str] = Counter()
         """Feedback that came before its decision: held, released (recorded when it came), expired."""
-        self._last_by_user: ExpiringCache = ExpiringCache(
-            max_tracked_users, retrial_window_s, on_evict=lambda *_: self.dropped.update(["user_state"]), timer=clock
+        self.implicit: Counter[str] = Counter()
+        """Which rule each user's next request met (continuation, retrial, new_question, late, after_failure,
+        concurrent), decisions accepted for want of a next request (no_request), and requests that label
+        nothing (out_of_order, duplicate); `rebuilt`: decisions replayed from the log after a restart."""
+        self._last_by_user: ExpiringCache = ExpiringCache(  # user -> _Tracked (their latest decision)
+            max_tracked_users, self.tracked_s, on_evict=lambda *_: self.dropped.update(["user_state"]), timer=self._now
         )
-        self._awaiting_acceptance: ExpiringCache = ExpiringCache(  # decision_id -> time, for decisions with a user
+        self._awaiting_acceptance: ExpiringCache = ExpiringCache(  # decision_id -> decision time, for answered ones
             max_tracked_users,
-            retrial_window_s,
+            self.tracked_s,
             on_expire=self._accept,
             on_evict=lambda *_: self.dropped.update(["awaiting_acceptance"]),
-            timer=clock,
+            timer=self._now,
         )
         self._held_store = _HeldStore(self.log.path.with_name(self.log.path.name + ".held.sqlite"))
         self._held: ExpiringCache = ExpiringCache(max_held_feedback, feedback_hold_s, on_expire=self._hold_expired, timer=clock)
         self._restore_holds()
+        self._rebuild_tracking()
+
+    def _now(self) -> float:
+        return self._replay_at if self._replay_at is not None else self.clock()
 
     # -- decisions ------------------------------------------------------------------------------------------
     def append_decisions(self, events: list[dict[str, Any]]) -> int:
@@ -169,29 +246,100 @@ class EventBuffer:
             self._release_hold(e["decision_id"])
         return new
 
+    # -- implicit signals: what a user's next request says about their previous decision ------------------------
     def _track_user(self, e: dict[str, Any]) -> None:
-        user, ctx = e.get("user"), e.get("context")
-        if not user or ctx is None or e.get("outcome", "ok") != "ok":
-            return  # a failed call is labelled by its own outcome event: never `accepted`
-        x, now = np.asarray(ctx, dtype=np.float32), float(e.get("time") or self.clock())
+        """Label the user's previous decision from this one (`_label_previous`), then track this one as the
+        user's latest. Failed decisions are tracked too (a retry of one is charged to it, not to an older
+        decision) but never await acceptance: their own error/timeout event labels them."""
+        user = e.get("user")
+        if not user:
+            return
+        cur = _Tracked.of(e, self._now())
         prev = self._last_by_user.get(user)
         if prev is not None:
-            prev_id, prev_x, prev_t = prev
-            if (
-                now - prev_t <= self.window
-                and float(prev_x @ x) >= self.theta
-                and self._awaiting_acceptance.pop(prev_id, None) is not None
-            ):
-                self._append_outcome(FeedbackEvent(prev_id, "retrial", 0.0).to_dict())
-        self._last_by_user[user] = (e["decision_id"], x, now)
-        self._awaiting_acceptance[e["decision_id"]] = now
+            if prev.decision_id == cur.decision_id:  # re-delivered: never a retrial of itself
+                self.implicit["duplicate"] += 1
+                return
+            if cur.time < prev.time:  # arrived after a later decision of the same user: it labels nothing
+                self.implicit["out_of_order"] += 1
+                return
+            self._label_previous(prev, cur)
+        self._last_by_user[user] = cur
+        if not cur.failed:
+            self._awaiting_acceptance[cur.decision_id] = cur.time
+
+    def _label_previous(self, prev: _Tracked, cur: _Tracked) -> None:
+        """The rules [ours; module docstring], in order."""
+        if prev.failed:  # labelled by its own outcome event; `cur` retries it (or moves on): charge nobody else
+            self.implicit["after_failure"] += 1
+            return
+        gap = cur.time - prev.delivered
+        if gap < 0:  # decided before the previous answer was out: not a reaction to it (e.g. a double submit)
+            self.implicit["concurrent"] += 1
+            return
+        if prev.answer_ref is not None and prev.answer_ref in cur.history_refs:
+            rule, kind = "continuation", "accepted"
+        elif gap > self.window:
+            rule, kind = "late", "accepted"
+        elif self._same_turn(prev, cur):
+            rule, kind = "retrial", "retrial"
+        else:
+            rule, kind = "new_question", "accepted"
+        self.implicit[rule] += 1
+        self._awaiting_acceptance.pop(prev.decision_id, None)
+        self._label(prev.decision_id, kind)
+
+    def _same_turn(self, prev: _Tracked, cur: _Tracked) -> bool:
+        if prev.turn_ref is not None and prev.turn_ref == cur.turn_ref:
+            return True
+        if prev.turn_x is None or cur.turn_x is None or prev.turn_x.shape != cur.turn_x.shape:
+            return False
+        return float(prev.turn_x @ cur.turn_x) >= self.theta
+
+    def _label(self, decision_id: str, kind: str) -> int:
+        """Append the decision's one implicit label (a second one, of any kind, is ignored by the log)."""
+        value = 0.0 if kind == "retrial" else 1.0
+        return self._append_outcome(
+            FeedbackEvent(decision_id, kind, value, self._now(), implicit_event_id(decision_id)).to_dict()
+        )
 
     def _accept(self, decision_id: str, _t: float) -> None:
-        self._append_outcome(FeedbackEvent(decision_id, "accepted", 1.0).to_dict())
+        if self._label(decision_id, "accepted"):  # not when a rebuild re-tracked an already labelled decision
+            self.implicit["no_request"] += 1
+
+    def _rebuild_tracking(self) -> None:
+        """After a restart: replay the decisions received within 2(T + grace) of the log's last event (once:
+        what was still tracked; twice: decisions whose acceptance fell due just before the crash, before a sweep)
+        in log order, at the times they arrived, through the same tracking. Labels the buffer wrote before it
+        went down come out the same and are ignored (deterministic ids); labels it had not written yet are
+        written; decisions whose T has passed since are accepted by the closing sweep."""
+        # the constructor runs before anyone else holds this log: read it directly, newest first, and stop
+        # at the edge (seq order is arrival order)
+        rows, last = [], None
+        for received, kind, body in self.log.db.execute("SELECT received, kind, body FROM events ORDER BY seq DESC"):
+            if last is None:
+                last = received
+            if received < last - 2 * self.tracked_s:
+                break
+            if kind == "decision":
+                rows.append((received, body))
+        if not rows:
+            return
+        offset = self.clock() - time.time()  # `received` is wall time; the buffer's clock may be another
+        try:
+            for received, body in reversed(rows):
+                e = json.loads(body)
+                if e.get("user"):
+                    self._replay_at = max(received + offset, self._replay_at or -math.inf)
+                    self._track_user(e)
+                    self.implicit["rebuilt"] += 1
+        finally:
+            self._replay_at = None
+        self.sweep()
 
     def sweep(self, now: float | None = None) -> int:
-        """Decisions with a user and no retrial within T count as accepted; expired holds are refused as
-        unknown_decision. Returns how many decisions were accepted."""
+        """Answered decisions with a user whose user sent nothing within T (+ grace) are accepted; expired
+        holds are refused as unknown_decision. Returns how many decisions left the acceptance wait."""
         now = self.clock() if now is None else now
         self._held.expire(now)
         self._last_by_user.expire(now)
@@ -291,6 +439,7 @@ class EventBuffer:
             "held_feedback": len(self._held),
             "holds": dict(self.holds),
             "tracked_users": len(self._last_by_user),
+            "implicit": dict(self.implicit),
             "dropped": dict(self.dropped),
             "path": str(self.log.path),
         }

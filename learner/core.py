@@ -133,6 +133,8 @@ class Sample:
     score: float
     received: float
     """When the outcome was received (max_wait_s, staleness)."""
+    kind: str = "explicit"
+    """The outcome's kind (explicit, retrial, accepted, error, timeout)."""
 
 
 @dataclass
@@ -176,7 +178,7 @@ class Learner:
         self._seen_id: str | None = None  # event id at seq == seen
         self._uncommitted: list[tuple[int, str]] = []
         self.pending: OrderedDict[str, PendingDecision] = OrderedDict()
-        self.resolved: OrderedDict[str, None] = OrderedDict()
+        self.resolved: OrderedDict[str, str] = OrderedDict()  # decision id -> the kind of outcome that resolved it
         self.samples: list[Sample] = []  # joined, waiting for the next update
         self.replay: deque[Sample] = deque(maxlen=settings.replay_capacity)
         self.replay_rng = np.random.default_rng(0)
@@ -401,7 +403,11 @@ class Learner:
                     counts["dropped_pending"] += 1
             return
         score = self._score(ev)
-        if score is None or d in self.resolved:
+        if score is None:
+            return
+        if d in self.resolved:
+            if kind == "explicit" and not rebuild:
+                self._explicit_over_implicit(d, score, counts)
             return
         if not (isinstance(score, int | float) and math.isfinite(score) and 0 <= score <= 1):
             counts["rejected_score"] += 1  # the buffer refuses these; never trust a stored value blindly
@@ -409,7 +415,7 @@ class Learner:
         decision = self.pending.pop(d, None)
         if decision is None:
             return
-        self.resolved[d] = None
+        self.resolved[d] = str(kind)
         while len(self.resolved) > self.settings.resolved_capacity:
             self.resolved.popitem(last=False)
         if kind in FAILURE_KINDS:
@@ -422,12 +428,32 @@ class Learner:
         sent = ev.get("time")
         if t is not None and isinstance(sent, int | float) and math.isfinite(sent):
             t = min(t, float(sent))
-        sample = Sample(decision, float(score), t if t is not None else time.time())
+        sample = Sample(decision, float(score), t if t is not None else time.time(), str(kind))
         if rebuild:  # already in the committed parameters; kept only for replay steps
             if self._uses_replay:
                 self.replay.append(sample)
         else:
             self.samples.append(sample)
+
+    def _explicit_over_implicit(self, decision_id: str, score: Any, counts: Counter) -> None:
+        """An explicit score wins over an implicit label (retrial / accepted) of the same decision: if the
+        implicit sample still waits for the next update, the explicit score replaces it
+        (`explicit_over_implicit`). Once the implicit one is in the parameters the explicit score comes too
+        late and is ignored (`explicit_after_implicit`): an applied update is never undone. Explicit feedback
+        normally comes right after the answer, before any retrial or the acceptance window's end. A restore
+        re-derives the committed parameters and does not repeat the replacement."""
+        if not (isinstance(score, int | float) and math.isfinite(score) and 0 <= score <= 1):
+            counts["rejected_score"] += 1
+            return
+        if self.resolved.get(decision_id) not in ("retrial", "accepted"):
+            return  # resolved by an explicit score (the buffer refuses a second one) or by a failed call
+        for i, s in enumerate(self.samples):
+            if s.decision.decision_id == decision_id:
+                self.samples[i] = dataclasses.replace(s, score=float(score), kind="explicit")
+                self.resolved[decision_id] = "explicit"
+                counts["explicit_over_implicit"] += 1
+                return
+        counts["explicit_after_implicit"] += 1
 
     def _expire_pending(self, counts: Counter) -> None:
         if self._clock is None:

@@ -132,7 +132,7 @@ def test_router_outcomes_are_logged_and_never_accepted(tmp_path, rng):
 
 
 def test_user_state_is_bounded(tmp_path, rng):
-    buf = EventBuffer(tmp_path / "e.sqlite", retrial_window_s=30, max_tracked_users=10)
+    buf = EventBuffer(tmp_path / "e.sqlite", retrial_window_s=30, max_tracked_users=10, retrial_grace_s=0)
     buf.append_decisions([decision(i, rng, user=f"u{i}") for i in range(50)])
     st = buf.stats()
     assert st["tracked_users"] == 10 and st["awaiting_acceptance"] == 10
@@ -144,11 +144,12 @@ def test_user_state_is_bounded(tmp_path, rng):
 
 
 def test_retrial_and_acceptance(tmp_path, rng):
-    buf = EventBuffer(tmp_path / "e.sqlite", retrial_similarity=0.9, retrial_window_s=30)
+    buf = EventBuffer(tmp_path / "e.sqlite", retrial_similarity=0.9, retrial_window_s=30, retrial_grace_s=0)
     x = rng.normal(size=8)
     first = decision(0, rng, user="u", context=x)
     buf.append_decisions([first])
     again = decision(1, rng, user="u", context=x + 0.01 * rng.normal(size=8))  # same question, reworded
+    again["time"] = first["time"] + first["latency_s"] + 1.0  # sent once the first answer was out
     buf.append_decisions([again])
     other = decision(2, rng, user="v", context=x)  # another user: not a retrial of u's
     buf.append_decisions([other])
