@@ -3,6 +3,8 @@ this folder on sys.path)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
 from banditrouter.schemas import DecisionEvent
@@ -30,3 +32,23 @@ def decision(i: int, rng, user: str | None = None, context=None, model: str | No
         pool_version="p",
         user=user,
     ).to_dict()
+
+
+class _FakeMethod:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return asyncio.ensure_future(self.fn(*args))  # awaitable, with cancel(), like a DeploymentResponse
+
+
+class FakeHandle:
+    """A stand-in for a Serve deployment handle or a Ray actor: `handle.method.remote(...)` runs the given
+    coroutine function as a task."""
+
+    def __init__(self, **methods):
+        for name, fn in methods.items():
+            setattr(self, name, _FakeMethod(fn))
+
+    def remote(self, *args):  # the embedder is called as a handle
+        return self.__call__.remote(*args)

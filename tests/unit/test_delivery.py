@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from factories import FakeHandle
 
 from banditrouter.schemas import DecisionEvent
 from deployments.backends import BackendError, CompletionResult
@@ -174,23 +175,6 @@ def test_close_hands_queued_events_to_the_next_shipper(tmp_path):
 MODELS = ("cheap", "strong")
 
 
-class _Method:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args):
-        return asyncio.ensure_future(self.fn(*args))  # awaitable, with cancel(), like a DeploymentResponse
-
-
-class _Handle:
-    def __init__(self, **methods):
-        for name, fn in methods.items():
-            setattr(self, name, _Method(fn))
-
-    def remote(self, *args):  # the embedder is called as a handle
-        return self.__call__.remote(*args)
-
-
 def _router(tmp_path, monkeypatch, model_call, buffer_send, timeout_s: float = 120.0):
     import learner.actors
     from banditrouter.config import load_config
@@ -213,17 +197,17 @@ def _router(tmp_path, monkeypatch, model_call, buffer_send, timeout_s: float = 1
     async def noop(*_):
         return None
 
-    buffer = _Handle(append_decisions=buffer_send)
+    buffer = FakeHandle(append_decisions=buffer_send)
     monkeypatch.setattr(learner.actors, "get_or_create_buffer", lambda cfg: buffer)
     monkeypatch.setattr(
-        learner.actors, "get_or_create_learner", lambda cfg: _Handle(wait_for_weights=wait_for_weights, report_install=noop)
+        learner.actors, "get_or_create_learner", lambda cfg: FakeHandle(wait_for_weights=wait_for_weights, report_install=noop)
     )
 
     async def embed(prompt):
         return np.ones(8, dtype=np.float32) / np.sqrt(8)
 
-    embedder = _Handle(__call__=embed)
-    models = {m: _Handle(complete=model_call) for m in MODELS}
+    embedder = FakeHandle(__call__=embed)
+    models = {m: FakeHandle(complete=model_call) for m in MODELS}
     return Router.func_or_class(cfg, embedder, models)
 
 
@@ -285,7 +269,7 @@ def test_a_failed_model_call_is_logged_as_its_outcome_then_raised(tmp_path, monk
         assert (outcome["kind"], outcome["value"], outcome["decision_id"]) == (failure, 0.0, decision["decision_id"])
         recent = router.recent_events(10)
         assert [e.get("outcome", e["kind"]) for e in recent] == [failure, failure]
-        router.models = {m: _Handle(complete=_answer) for m in MODELS}  # the replica keeps serving
+        router.models = {m: FakeHandle(complete=_answer) for m in MODELS}  # the replica keeps serving
         assert (await asyncio.wait_for(router.route(_request()), timeout=5))["result"].text == "hello"
         router.__del__()
 

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from factories import FakeHandle
 
 from banditrouter.schemas import DecisionEvent, FeedbackEvent
 from deployments import conversation
@@ -399,23 +400,6 @@ def test_labels_due_while_the_buffer_was_down_are_written_on_restart(tmp_path, c
 ROUTER_MODELS = ("cheap", "strong")
 
 
-class _Method:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args):
-        return asyncio.ensure_future(self.fn(*args))  # awaitable, with cancel(), like a DeploymentResponse
-
-
-class _Handle:
-    def __init__(self, **methods):
-        for name, fn in methods.items():
-            setattr(self, name, _Method(fn))
-
-    def remote(self, *args):  # the embedder is called as a handle
-        return self.__call__.remote(*args)
-
-
 def _router(tmp_path, complete, log: list):
     from banditrouter.config import load_config
     from banditrouter.policies import make_policy, save_checkpoint
@@ -431,7 +415,7 @@ def _router(tmp_path, complete, log: list):
         v = np.random.default_rng(len(text)).normal(size=8)
         return (v / np.linalg.norm(v)).astype(np.float32)
 
-    return Router.func_or_class(cfg, _Handle(__call__=embed), {m: _Handle(complete=complete) for m in ROUTER_MODELS})
+    return Router.func_or_class(cfg, FakeHandle(__call__=embed), {m: FakeHandle(complete=complete) for m in ROUTER_MODELS})
 
 
 def test_router_logs_the_decision_time_the_latest_turn_and_refs(tmp_path):

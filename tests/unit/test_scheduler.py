@@ -8,6 +8,7 @@ import asyncio
 
 import numpy as np
 import pytest
+from factories import FakeHandle
 
 from banditrouter.policies.base import Assignment, deterministic
 from deployments.scheduler import AdmissionQueue, Grant, PoolScheduler, QueueFull, SchedulingError
@@ -275,23 +276,6 @@ def test_fifo_admission_queue_serves_in_arrival_order_and_is_bounded():
 MODELS = ("cheap", "strong")
 
 
-class _Method:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args):
-        return asyncio.ensure_future(self.fn(*args))
-
-
-class _Handle:
-    def __init__(self, **methods):
-        for name, fn in methods.items():
-            setattr(self, name, _Method(fn))
-
-    def remote(self, *args):  # the embedder is called as a handle
-        return self.__call__.remote(*args)
-
-
 def _router(tmp_path, policy: str, gate: asyncio.Event | None = None, **router_cfg):
     from banditrouter.config import load_config
     from banditrouter.policies import make_policy, save_checkpoint
@@ -315,7 +299,7 @@ def _router(tmp_path, policy: str, gate: asyncio.Event | None = None, **router_c
             await gate.wait()
         return CompletionResult(text="ok", cost_usd=0.001, input_tokens=1, output_tokens=1, latency_s=0.01)
 
-    return Router.func_or_class(cfg, _Handle(__call__=embed), {m: _Handle(complete=answer) for m in MODELS})
+    return Router.func_or_class(cfg, FakeHandle(__call__=embed), {m: FakeHandle(complete=answer) for m in MODELS})
 
 
 def _req(i: int):
