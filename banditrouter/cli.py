@@ -54,11 +54,22 @@ def train(
     test_fraction: float = TestFracOpt,
     features: str = FeaturesOpt,
     features_dim: int = FeaturesDimOpt,
+    option: list[str] = typer.Option(
+        [], "--option", "-O", help="A policy config field, KEY=VALUE (repeatable), e.g. -O c=0.5 -O update_rule=irls."
+    ),
 ):
     """Train one policy on a split (bandit feedback; full information for `supervised`) and save it."""
+    import yaml
+
     from banditrouter.data import DataError
     from banditrouter.pipeline import run_train
 
+    options = {}
+    for item in option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--option expects KEY=VALUE, got {item!r}")
+        options[key.strip()] = yaml.safe_load(value)
     try:
         pol = run_train(
             dataset,
@@ -74,9 +85,10 @@ def train(
             preference_sampler=preference_sampler,
             features=features,
             features_dim=features_dim,
+            options=options,
             log_fn=console.print,
         )
-    except (DataError, ValueError) as e:
+    except (DataError, ValueError, TypeError) as e:  # TypeError: a config field the policy does not have
         _fail(str(e))
     console.print(f"[green]saved[/] {pol.name} (version {pol.version}, tau={pol.tau:.3g}) to {out}")
 

@@ -263,11 +263,13 @@ def run_train(
     preference_sampler: str = DEFAULT_PREFERENCE_SAMPLER,
     features: str = "none",
     features_dim: int = 64,
+    options: dict | None = None,
     progress: bool = True,
     log_fn=None,
 ) -> Policy:
     """Train one policy on `split` and save its checkpoint; with `features="projection"` the policy learns on
-    the learned projection (trained on this split, which must be "train"), and the checkpoint carries it."""
+    the learned projection (trained on this split, which must be "train"), and the checkpoint carries it.
+    `options` are the policy's own config fields (e.g. ACQB's c, v, update_rule), saved in the checkpoint."""
     check_features(features, features_dim)
     if features == "projection" and split != "train":
         raise ValueError(f"the projection is trained on the train split only; --split is {split!r}")
@@ -288,6 +290,7 @@ def run_train(
         preference_sampler=preference_sampler,
         progress=progress,
         features=projection,
+        **(options or {}),
     )
     save_checkpoint(pol, out, extra={"dataset": dataset, "split": split, "n_train": len(train.log), "seed": seed})
     return pol

@@ -62,6 +62,11 @@ class DecisionEvent:
     queue_length: int | None = None
     """Requests waiting in the router's pool when this one was decided (joint scheduling; None when not
     measured)."""
+    requested_at: float | None = None
+    """Wall time the request reached the ingress (None: take `time`). The retrial window runs from the
+    previous decision's `answered_at` to this."""
+    answered_at: float | None = None
+    """Wall time the answer (or the failure) was out (None: take `time + latency_s`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -186,6 +186,7 @@ class Ingress:
                     user=body.user or request.headers.get("x-user-id"),
                     turn=conv.turn,
                     history_refs=conv.history_refs,
+                    arrived_at=time.time(),
                 )
                 if body.stream:
                     return await self._stream_routed(request_id, req)

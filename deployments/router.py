@@ -61,6 +61,8 @@ class RouteRequest:
     """The latest user turn's text; None: `prompt` is the latest turn."""
     history_refs: tuple[str, ...] = ()
     """`text_ref` of the assistant turns the request carries (the last 8), for continuation detection."""
+    arrived_at: float | None = None
+    """Wall time the request reached the ingress (the user's send, for the retrial window)."""
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,8 @@ class Router:
             turn_context=None if turn_x is None else [float(v) for v in turn_x],
             queue_wait_s=getattr(d, "queue_wait_s", None),
             queue_length=getattr(d, "queue_length", None),
+            requested_at=req.arrived_at,
+            answered_at=time.time(),  # _emit runs when the answer (or the failure) is out
         )
         events = [ev]
         if failed:
@@ -293,7 +297,8 @@ class Router:
         await self._ensure_sync()
         x, turn_x = await self._embed(req)
         d = self._decide(x, req.preference)
-        # stamped here, before any queue wait and the model call: the retrial window starts at the answer
+        # stamped here, at the decision (FIFO: before the slot wait and the model call); the retrial window
+        # itself runs from `answered_at` of one decision to `requested_at` of the next
         routed = RoutedDecision(d.arm, d.propensity, d.policy_version, time=time.time(), turn_context=turn_x)
         return x, routed, self.policy.models[d.arm], new_id()
 

@@ -182,7 +182,7 @@ class PoolScheduler:
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release(fut.result().arm)  # granted, but its client is gone: the slot goes to the next one
-            elif waiter in self.pool:
+            elif waiter in self.pool:  # not yet pruned by a dispatch (which counts the ones it prunes)
                 self.pool.remove(waiter)
                 self.counts["cancelled"] += 1
                 self._changed()
@@ -207,6 +207,13 @@ class PoolScheduler:
             self.on_change(len(self.pool))
 
     def _dispatch(self) -> None:
+        # A waiter whose task was cancelled has a done future but leaves the pool only when its task runs
+        # again: drop it here, or a release in between would grant it a slot nobody would ever release.
+        gone = [w for w in self.pool if w.future.done()]
+        if gone:
+            self.pool = [w for w in self.pool if not w.future.done()]
+            self.counts["cancelled"] += len(gone)
+            self._changed()
         free = self.free()
         if not self.pool or not (free > 0).any():
             return

@@ -62,8 +62,10 @@ class _Tracked:
     decision_id: str
     time: float
     """When it was decided."""
+    requested: float
+    """When the user sent it: `requested_at`, else `time`."""
     delivered: float
-    """When the user had its answer (or its failure): `time + latency_s`."""
+    """When the user had its answer (or its failure): `answered_at`, else `time + latency_s`."""
     failed: bool
     turn_ref: str | None
     turn_x: np.ndarray | None
@@ -85,10 +87,16 @@ class _Tracked:
             x = np.asarray(ctx, dtype=np.float32).reshape(-1)
             norm = float(np.linalg.norm(x))
             x = x / norm if norm > 0 and math.isfinite(norm) else None
+
+        def stamp(key: str, default: float) -> float:
+            v = e.get(key)
+            return float(v) if isinstance(v, int | float) and math.isfinite(v) else default
+
         return cls(
             decision_id=e["decision_id"],
             time=t,
-            delivered=t + lat,
+            requested=stamp("requested_at", t),
+            delivered=stamp("answered_at", t + lat),
             failed=e.get("outcome", "ok") != "ok",
             turn_ref=e.get("turn_ref"),
             turn_x=x,
@@ -273,7 +281,7 @@ class EventBuffer:
         if prev.failed:  # labelled by its own outcome event; `cur` retries it (or moves on): charge nobody else
             self.implicit["after_failure"] += 1
             return
-        gap = cur.time - prev.delivered
+        gap = cur.requested - prev.delivered
         if gap < 0:  # decided before the previous answer was out: not a reaction to it (e.g. a double submit)
             self.implicit["concurrent"] += 1
             return

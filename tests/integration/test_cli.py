@@ -82,3 +82,17 @@ def test_data_export_roundtrips_through_the_jsonl_loader(tmp_path, data_dir):
     src, back = load_llmrouter(data_dir, "test"), load_jsonl(out)
     assert back.prompt_ids == src.prompt_ids and back.models == src.models
     assert (back.scores == src.scores).all() and abs(back.costs - src.costs).max() < 1e-12
+
+
+def test_train_sets_policy_options_and_refuses_unknown_ones(tmp_path, data_dir):
+    from banditrouter.policies import load_checkpoint
+
+    out = tmp_path / "acqb.pt"
+    args = ["train", "--policy", "acqb", "--limit", "60", "--epochs", "0", "--out", str(out)]
+    res = runner.invoke(app, [*args, "-O", "c=0.25", "-O", "update_rule=irls", "-O", "v=0.5"])
+    assert res.exit_code == 0, res.output
+    cfg = load_checkpoint(out).state_dict()["config"]
+    assert (cfg["c"], cfg["update_rule"], cfg["v"]) == (0.25, "irls", 0.5)
+    for bad in (["-O", "no_such_field=1"], ["-O", "c"]):
+        res = runner.invoke(app, [*args, *bad])
+        assert res.exit_code == 2 and "error" in res.output

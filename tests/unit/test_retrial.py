@@ -145,6 +145,21 @@ def test_regenerate_is_a_retrial(buf, clock, emb):
     assert buf.stats()["implicit"] == {"retrial": 1}
 
 
+def test_window_runs_from_the_answer_to_the_users_send_not_to_the_decision(buf, clock, emb):
+    """A regenerate sent 5 s after the answer that then waits T in the router's pool (decided T + 5 s after the
+    answer) is still a retrial: the window runs from `answered_at` to `requested_at`, not between decisions."""
+    q = [user("What is the capital of France?")]
+    d0 = routed(0, q, "Lyon.", clock.t, emb)
+    d0["requested_at"], d0["answered_at"] = d0["time"] - 1.0, d0["time"] + LATENCY
+    buf.append_decisions([d0])
+    sent = d0["answered_at"] + 5
+    clock.t = sent + T  # decided after waiting T in the pool (still within the tracking's T + grace)
+    d1 = routed(1, q, "Paris.", clock.t, emb)
+    d1["requested_at"], d1["queue_wait_s"] = sent, T
+    buf.append_decisions([d1])
+    assert labels(buf) == {"d0": [("retrial", 0.0)]}
+
+
 def test_reworded_regenerate_is_a_retrial_by_cosine(buf, clock, emb):
     """Not the same text, but the latest turns' embeddings have cosine >= theta."""
     d0 = routed(0, [user("capital of France?")], "Lyon.", clock.t, emb)

@@ -202,6 +202,27 @@ def test_a_cancelled_waiter_leaves_the_pool_and_a_cancelled_grant_frees_its_slot
     asyncio.run(main())
 
 
+def test_a_waiter_cancelled_just_before_a_release_is_never_granted_the_slot():
+    """cancel() marks the waiter's future done at once, but its task leaves the pool only when it runs again:
+    a release in between must not grant it a slot (nobody would ever release it) nor fail the others."""
+
+    async def main():
+        s = PoolScheduler(1, 1, capacity=5, schedule=greedy())
+        g = await s.acquire(ctx(0), (1.0, 0.0))
+        gone = asyncio.create_task(s.acquire(ctx(1), (1.0, 0.0)))
+        stays = asyncio.create_task(s.acquire(ctx(2), (1.0, 0.0)))
+        await settle()
+        gone.cancel()
+        s.release(g.arm)  # before the cancelled task has run
+        await settle()
+        assert gone.cancelled() and stays.done() and stays.result().arm == 0
+        assert s.in_flight.tolist() == [1] and s.waiting == 0 and s.counts["cancelled"] == 1
+        s.release(0)
+        assert s.in_flight.tolist() == [0]
+
+    asyncio.run(main())
+
+
 def test_a_broken_schedule_fails_the_waiting_requests_instead_of_hanging_them():
     def twice(contexts, preferences, free):
         return [Assignment(0, 0, 1.0, 1)] * 2  # the same job twice: contract broken
