@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from banditrouter.evaluation.queue import QUEUE_POLICIES, parse_seeds, run_queue_eval
+from banditrouter.evaluation.queue import QUEUE_POLICIES, decision_regret, parse_seeds, run_queue_eval
 from envs import QUEUEING_ENV_ID, QueueingEnv, make_queueing_env, register
 from envs.queueing import (
     fill_missing,
@@ -251,6 +251,22 @@ def test_load_sets_lambda_from_the_service_rate():
 
 
 # -- queue-eval ----------------------------------------------------------------------------------------------
+def test_routing_regret_per_decision_on_the_same_state():
+    u = np.array([[0.9, 0.2], [0.6, 0.5]])
+    cap = np.array([1, 1])
+    oj, oa = greedy_assignment(u, cap)
+    assert decision_regret(u, cap, oj, oa) == (0.0, 0.0)  # the oracle's own step
+    # served (1, 0) then (0, 1): the first could have had 0.9, the second was the best left
+    per, whole = decision_regret(u, cap, np.array([0, 1]), np.array([1, 0]))
+    assert per == pytest.approx(0.3) and whole == pytest.approx(1.4 - 0.8)
+    # an idle slot while a job waits costs what the oracle would have served on it
+    assert decision_regret(np.array([[0.7, 0.3]]), cap, np.zeros(0, int), np.zeros(0, int)) == pytest.approx((0.7, 0.7))
+    # greedy is not a maximum-weight matching: the set-level variant goes negative, per decision it cannot
+    u = np.array([[0.9, 0.8], [0.85, 0.1]])
+    per, whole = decision_regret(u, cap, np.array([0, 1]), np.array([1, 0]))
+    assert whole == pytest.approx(1.0 - 1.65) and per == pytest.approx(0.05)
+
+
 def test_parse_seeds():
     assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
     assert parse_seeds("0,2,7") == [0, 2, 7]
@@ -292,8 +308,9 @@ def test_queue_eval_smoke_writes_the_documented_shape(tmp_path):
     for p in data["policies"].values():
         assert set(p) == keys
         assert p["retrial_rate"] + p["abandon_rate"] + p["satisfaction"] == pytest.approx(1.0)
-        ts = [t for t, _ in p["regret"]]
-        assert ts == sorted(ts) and ts[-1] == 40
+        ts, cum = zip(*p["regret"], strict=True)
+        assert list(ts) == sorted(ts) and ts[-1] == 40
+        assert cum[0] >= 0 and (np.diff(cum) >= -1e-9).all()  # per-decision regret is >= 0 every step
         assert all(len(pt) == 2 for pt in p["queue_regret"]) and p["queue_regret"][-1][0] == 40
     # the oracle is its own benchmark: no regret, no queue-length regret
     assert all(v == 0 for _, v in data["policies"]["oracle"]["regret"])
