@@ -122,15 +122,21 @@ async def _simulate(
 
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency * 2), timeout=timeout) as session:
-        async with session.get(f"{url}/health") as resp:
-            health = await resp.json()
-        if not health.get("learning"):
-            raise SimulationError(f"{url} does not learn online (its config has learning.enabled: false)")
-        if set(health["models"]) - set(log.models):
-            raise SimulationError(f"the service routes to models not in {log.name}: {set(health['models']) - set(log.models)}")
+        health = await _check_service(session, url, log)
         tau_box["tau"] = float(health["tau"])
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
     return outcomes, failures
+
+
+async def _check_service(session, url: str, log) -> dict:
+    """GET /health; refuse a service that does not learn online or routes to models the log lacks."""
+    async with session.get(f"{url}/health") as resp:
+        health = await resp.json()
+    if not health.get("learning"):
+        raise SimulationError(f"{url} does not learn online (its config has learning.enabled: false)")
+    if set(health["models"]) - set(log.models):
+        raise SimulationError(f"the service routes to models not in {log.name}: {set(health['models']) - set(log.models)}")
+    return health
 
 
 def _get(url: str, path: str, method: str = "GET") -> dict:
@@ -323,12 +329,7 @@ async def _open_loop(
 
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
-        async with session.get(f"{url}/health") as resp:
-            health = await resp.json()
-        if not health.get("learning"):
-            raise SimulationError(f"{url} does not learn online (its config has learning.enabled: false)")
-        if set(health["models"]) - set(log.models):
-            raise SimulationError(f"the service routes to models not in {log.name}: {set(health['models']) - set(log.models)}")
+        health = await _check_service(session, url, log)
         t0, stop = time.time(), asyncio.Event()
         watch = asyncio.create_task(sampler(t0, stop))
         tasks, start, due = [], time.monotonic(), 0.0

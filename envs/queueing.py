@@ -53,6 +53,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from envs.routing import register_everywhere
+
 ENV_ID = "banditrouter/Queueing-v0"
 RLLIB_ENV_NAME = "banditrouter-queueing"
 SATISFACTION_MODELS = ("logged", "logistic")
@@ -735,10 +737,4 @@ def train_split_projection(dataset: str, *, data_dir=None, seed: int = 0, out_di
 
 def register() -> None:
     """Register with gymnasium (`gym.make(ENV_ID, config=...)`) and, when Ray is installed, with RLlib."""
-    if ENV_ID not in gym.registry:
-        gym.register(id=ENV_ID, entry_point="envs.queueing:make_queueing_env")
-    try:
-        from ray.tune.registry import register_env
-    except ImportError:  # the train extra is not installed
-        return
-    register_env(RLLIB_ENV_NAME, make_queueing_env)
+    register_everywhere(ENV_ID, RLLIB_ENV_NAME, make_queueing_env)

@@ -114,12 +114,17 @@ def make_routing_env(config: dict | None = None) -> RoutingEnv:
     return RoutingEnv.from_log(log, x, tau=config.get("tau"), preference=config.get("preference"))
 
 
-def register() -> None:
-    """Register with gymnasium (`gym.make(ENV_ID, ...)`) and, when Ray is installed, with RLlib."""
-    if ENV_ID not in gym.registry:
-        gym.register(id=ENV_ID, entry_point="envs.routing:make_routing_env")
+def register_everywhere(env_id: str, rllib_name: str, creator) -> None:
+    """Register `creator(config)` with gymnasium as `env_id` and, when Ray is installed, with RLlib."""
+    if env_id not in gym.registry:
+        gym.register(id=env_id, entry_point=f"{creator.__module__}:{creator.__name__}")
     try:
         from ray.tune.registry import register_env
     except ImportError:  # the train extra is not installed
         return
-    register_env(RLLIB_ENV_NAME, make_routing_env)
+    register_env(rllib_name, creator)
+
+
+def register() -> None:
+    """Register with gymnasium (`gym.make(ENV_ID, ...)`) and, when Ray is installed, with RLlib."""
+    register_everywhere(ENV_ID, RLLIB_ENV_NAME, make_routing_env)

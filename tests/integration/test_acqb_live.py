@@ -12,22 +12,14 @@ import numpy as np
 import pytest
 import requests
 
+from tests.integration.conftest import POOL
+
 pytestmark = pytest.mark.slow  # ~75 s here: Serve, the buffer and learner actors, 1 s replay calls
 
 PORT = 8017
 BASE = f"http://127.0.0.1:{PORT}"
 APP = "acqb-live-test"
-POOL = ["claude-instant-v1", "gpt-3.5-turbo-1106", "gpt-4-1106-preview"]
 LATENCY_S = 1.0
-
-
-@pytest.fixture(scope="module")
-def prompts(data_dir):
-    from banditrouter.data import load_dataset
-
-    log = load_dataset("routerbench", "test").with_models(POOL)
-    short = [i for i, p in enumerate(log.prompts) if len(p) < 400][:200]
-    return log.subset(np.asarray(short))
 
 
 @pytest.fixture(scope="module")

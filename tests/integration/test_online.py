@@ -17,19 +17,11 @@ import numpy as np
 import pytest
 import requests
 
+from tests.integration.conftest import POOL
+
 PORT = 8015
 BASE = f"http://127.0.0.1:{PORT}"
 APP = "online-test"
-POOL = ["claude-instant-v1", "gpt-3.5-turbo-1106", "gpt-4-1106-preview"]
-
-
-@pytest.fixture(scope="module")
-def prompts(data_dir):
-    from banditrouter.data import load_dataset
-
-    log = load_dataset("routerbench", "test").with_models(POOL)
-    short = [i for i, p in enumerate(log.prompts) if len(p) < 400][:200]
-    return log.subset(np.asarray(short))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@ import asyncio
 
 import numpy as np
 
+from banditrouter.reward import cost_scale
 from banditrouter.schemas import DecisionEvent
+from banditrouter.synthetic import make_synthetic
 
 MODELS = ("cheap", "strong")
 
@@ -52,3 +54,11 @@ class FakeHandle:
 
     def remote(self, *args):  # the embedder is called as a handle
         return self.__call__.remote(*args)
+
+
+def synthetic_problem(dim: int, n_arms: int):
+    """A seeded synthetic log split 800 / 400: (train contexts, train log, test contexts, test log, tau)."""
+    x, log = make_synthetic(n=1200, dim=dim, n_arms=n_arms, seed=0)
+    tr, te = np.arange(800), np.arange(800, 1200)
+    train, test = log.subset(tr), log.subset(te)
+    return x[tr], train, x[te], test, cost_scale(train.costs)

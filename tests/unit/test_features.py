@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from factories import synthetic_problem
 
 from banditrouter.evaluation import evaluate_policy
 from banditrouter.features import (
@@ -26,7 +27,6 @@ from banditrouter.policies import (
     takes_features,
     untrained_like,
 )
-from banditrouter.reward import cost_scale
 from banditrouter.synthetic import make_synthetic
 from banditrouter.training import train_policy
 from learner.core import install
@@ -38,10 +38,7 @@ LEARNERS = ["barp", "linucb", "lints", "acqb"]
 
 @pytest.fixture(scope="module")
 def problem():
-    x, log = make_synthetic(n=1200, dim=DIM, n_arms=ARMS, seed=0)
-    tr, te = np.arange(800), np.arange(800, 1200)
-    train, test = log.subset(tr), log.subset(te)
-    return x[tr], train, x[te], test, cost_scale(train.costs)
+    return synthetic_problem(DIM, ARMS)
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from factories import synthetic_problem
 
 from banditrouter.evaluation import evaluate_policy
 from banditrouter.policies import POLICIES, BanditBatch, StateError, load_checkpoint, make_policy, save_checkpoint
-from banditrouter.reward import cost_scale
-from banditrouter.synthetic import make_synthetic
 from banditrouter.training import BanditFeedback, train_bandit, train_policy
 
 DIM, ARMS = 16, 4
@@ -19,10 +18,7 @@ CONTEXTUAL = ["barp", "linucb", "lints", "epsilon_greedy", "supervised"]
 
 @pytest.fixture(scope="module")
 def problem():
-    x, log = make_synthetic(n=1200, dim=DIM, n_arms=ARMS, seed=0)
-    tr, te = np.arange(800), np.arange(800, 1200)
-    train, test = log.subset(tr), log.subset(te)
-    return x[tr], train, x[te], test, cost_scale(train.costs)
+    return synthetic_problem(DIM, ARMS)
 
 
 _TRAINED: dict[str, object] = {}
