@@ -242,12 +242,43 @@ class ModelConfig(_Strict):
         return self
 
 
+class AuthConfig(_Strict):
+    mode: Literal["none", "keys"] = Field(
+        "none",
+        description="none: no API keys (allowed only while server.host is a loopback address); keys: every request needs"
+        " `Authorization: Bearer <key>` from the key store (keys_file and/or keys_env).",
+    )
+    keys_file: Path | None = Field(
+        None, description="YAML key store written by `banditrouter keys create` (hashes only, never the keys themselves)."
+    )
+    keys_env: str | None = Field(
+        None, description="Environment variable holding a key store as YAML/JSON text (for clusters; merged with keys_file)."
+    )
+
+
+class LimitsConfig(_Strict):
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body; beyond it 413.")
+    max_json_depth: int = Field(32, ge=4, le=512, description="Deepest JSON nesting accepted in a body; beyond it 422.")
+    max_messages: int = Field(256, ge=1, description="Most messages in one chat request; beyond it 422.")
+    max_message_chars: int = Field(200_000, ge=1, description="Longest text of one message; beyond it 422.")
+    max_tokens: int = Field(16_384, ge=1, description="Largest max_tokens allowed (the cost bound when none is named).")
+    max_user_chars: int = Field(256, ge=1, description="Longest `user` field; beyond it 422.")
+    max_request_id_chars: int = Field(128, ge=8, description="A client x-request-id longer than this is replaced by a fresh id.")
+
+
+class GatewayConfig(_Strict):
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="Who may call (API keys and scopes).")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request size limits.")
+    state_dir: Path = Field(Path("state/gateway"), description="Budget and rate-limit ledger (survives restarts).")
+
+
 class AppConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP endpoint.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Routing policy.")
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig, description="Prompt embedder deployment.")
     router: RouterConfig = Field(default_factory=RouterConfig, description="Router deployment.")
     learning: LearningConfig = Field(default_factory=LearningConfig, description="Online learning loop.")
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="API keys, budgets, rate limits, size limits.")
     models: list[ModelConfig] = Field(..., min_length=2, description="The model pool (at least two).")
 
     @field_validator("models")

@@ -67,6 +67,10 @@ class DecisionEvent:
     previous decision's `answered_at` to this."""
     answered_at: float | None = None
     """Wall time the answer (or the failure) was out (None: take `time + latency_s`)."""
+    key_id: str | None = None
+    """Public id of the API key that made the request (None: auth off). Only that key may score it."""
+    fallback: bool = False
+    """The model first chosen failed and this decision is the fallback the policy chose among the rest."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

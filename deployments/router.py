@@ -63,6 +63,8 @@ class RouteRequest:
     """`text_ref` of the assistant turns the request carries (the last 8), for continuation detection."""
     arrived_at: float | None = None
     """Wall time the request reached the ingress (the user's send, for the retrial window)."""
+    key_id: str | None = None
+    """The public id of the API key that made the request (None: auth off); feedback must come from it."""
 
 
 @dataclass(frozen=True)
@@ -272,6 +274,7 @@ class Router:
             queue_length=getattr(d, "queue_length", None),
             requested_at=req.arrived_at,
             answered_at=time.time(),  # _emit runs when the answer (or the failure) is out
+            key_id=req.key_id,
         )
         events = [ev]
         if failed:
