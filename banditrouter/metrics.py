@@ -17,6 +17,11 @@ banditrouter_learned_samples_total          bandit samples applied
 banditrouter_learner_lag_events             events in the log the learner has not consumed
 banditrouter_buffer_depth_events            events in the durable log
 banditrouter_learner_version                version the learner last published
+banditrouter_http_responses_total{route,code}  answers the gateway gave, by route and status code
+banditrouter_key_spend_usd_total{key}        spend settled per API key (USD)
+banditrouter_key_refused_total{key,code}     requests refused per API key: rate_limited | budget_exceeded
+banditrouter_fallbacks_total{failed,model}   routed requests served by a fallback model after `failed` failed
+banditrouter_retries_total{model}            model calls retried (another replica) after a 5xx / connection error / dead replica
 """
 
 from __future__ import annotations
@@ -38,6 +43,12 @@ class RouterMetrics:
         self.spill_depth = Gauge("banditrouter_decision_spill_events", "Decisions in this router replica's spill file.")
         self.spilled = Counter("banditrouter_decisions_spilled_total", "Decisions this router replica had to spill.")
         self._spilled_seen = 0
+        self.fallbacks = Counter(
+            "banditrouter_fallbacks_total", "Requests served by a fallback model.", tag_keys=("failed", "model")
+        )
+        self.retries = Counter(
+            "banditrouter_retries_total", "Model calls retried after a retryable failure.", tag_keys=("model",)
+        )
         tags = {"replica": replica}
         self.queue_length = Gauge(
             "banditrouter_queue_length", "Requests waiting in this router replica for a model slot.", tag_keys=("replica",)
@@ -63,12 +74,39 @@ class RouterMetrics:
     def failure(self, model: str, outcome: str) -> None:
         self.failures.inc(1.0, tags={"model": model, "outcome": outcome})
 
+    def fallback(self, failed: str, model: str) -> None:
+        self.fallbacks.inc(1.0, tags={"failed": failed, "model": model})
+
+    def retry(self, model: str) -> None:
+        self.retries.inc(1.0, tags={"model": model})
+
     def delivery(self, stats: dict) -> None:
         """`DecisionShipper.on_stats`: spill depth, and how many decisions were spilled since last time."""
         self.spill_depth.set(float(stats["spill_pending"]))
         if stats["spilled"] > self._spilled_seen:
             self.spilled.inc(float(stats["spilled"] - self._spilled_seen))
             self._spilled_seen = stats["spilled"]
+
+
+class GatewayMetrics:
+    """What the HTTP gateway (ingress) and the budget ledger export."""
+
+    def __init__(self):
+        self.responses = Counter(
+            "banditrouter_http_responses_total", "Answers the gateway gave, by route and status code.", tag_keys=("route", "code")
+        )
+        self.spent = Counter("banditrouter_key_spend_usd_total", "Spend settled per API key (USD).", tag_keys=("key",))
+        self.refusals = Counter("banditrouter_key_refused_total", "Requests refused per API key (429).", tag_keys=("key", "code"))
+
+    def response(self, route: str, status: int) -> None:
+        self.responses.inc(1.0, tags={"route": route, "code": str(int(status))})
+
+    def spend(self, key_id: str | None, usd: float) -> None:
+        if usd > 0:
+            self.spent.inc(float(usd), tags={"key": key_id or "anonymous"})
+
+    def refused(self, key_id: str | None, code: str) -> None:
+        self.refusals.inc(1.0, tags={"key": key_id or "anonymous", "code": code})
 
 
 class LearnerMetrics:
