@@ -11,6 +11,8 @@ from rich.table import Table
 app = typer.Typer(help="banditrouter: LLM routing that learns from bandit feedback.", no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="Routing datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+keys_app = typer.Typer(help="API keys for the gateway (the key store keeps hashes only).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 console = Console(stderr=True)
 
 DatasetOpt = typer.Option("routerbench", "--dataset", "-d", help="routerbench, llmrouter, or a path to a JSONL log.")
@@ -199,12 +201,17 @@ def serve(
         console.print(f"no checkpoint at {ckpt}: pretraining {cfg.policy.name} on {dataset} (train split)")
         run_train(dataset, cfg.policy.name, ckpt, data_dir=data_dir)
 
+    import os
+
     import ray
     from ray import serve as ray_serve
 
     from banditrouter.ray_local import init_local_ray
     from deployments.app import build_app
+    from deployments.gateway.errors import proxy_environment
 
+    for k, v in proxy_environment(cfg.gateway.limits).items():  # Serve's proxy replaces over-long x-request-ids
+        os.environ.setdefault(k, v)
     ctx = init_local_ray(dashboard=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -507,6 +514,75 @@ def show(
     Console().print(table)
     for note in log.notes:
         console.print(f"note: {note}")
+
+
+KeysFileOpt = typer.Option(..., "--file", "-f", help="The key store (YAML), as gateway.auth.keys_file names it.")
+
+
+@keys_app.command("create")
+def keys_create(
+    key_id: str = typer.Option(..., "--id", help="Public name of the key (logs, metrics, budgets): letters, digits, . _ -"),
+    scopes: list[str] = typer.Option(
+        ...,
+        "--scopes",
+        "-s",
+        help="route (chat, models, feedback on its own decisions) and/or admin (everything); a,b or repeat.",
+    ),
+    budget_usd: float | None = typer.Option(None, "--budget-usd", help="Hard spend limit per --period, USD."),
+    period: str = typer.Option("day", "--period", help="Budget period: hour, day, week, month or total."),
+    rate_limit: int | None = typer.Option(None, "--rate-limit", help="Requests per minute."),
+    file: Path = KeysFileOpt,
+):
+    """Make an API key: print it once (stdout) and append only its sha256 to the key store."""
+    from deployments.gateway.auth import KeyStoreError, create_key
+
+    wanted = [x.strip() for item in scopes for x in item.split(",") if x.strip()]
+    try:
+        secret, entry = create_key(file, key_id, wanted, budget_usd=budget_usd, period=period, rate_limit_per_min=rate_limit)
+    except KeyStoreError as e:
+        _fail(str(e))
+    limits = [f"scopes {', '.join(entry.scopes)}"]
+    if entry.budget is not None:
+        limits.append(f"budget ${entry.budget.usd:g}/{entry.budget.period}")
+    if entry.rate_limit_per_min is not None:
+        limits.append(f"{entry.rate_limit_per_min} requests/min")
+    console.print(
+        f"key {entry.id!r} ({'; '.join(limits)}) added to {file} (its hash only). This is the only time the key is shown:"
+        " give it to its user now. Serve with gateway.auth: {mode: keys, keys_file: ...} (or keys_env).",
+        soft_wrap=True,
+    )
+    print(secret)
+
+
+@keys_app.command("list")
+def keys_list(file: Path = KeysFileOpt):
+    """The keys in a store: id, scopes, budget, rate limit (never the keys; they are not stored)."""
+    from deployments.gateway.auth import KeyStoreError, read_key_file
+
+    try:
+        entries = read_key_file(file)
+    except KeyStoreError as e:
+        _fail(str(e))
+    table = Table(title=f"{file}: {len(entries)} keys")
+    for col in ("id", "scopes", "budget (USD)", "rate limit (/min)", "created"):
+        table.add_column(col)
+    for e in entries:
+        budget = f"{e.budget.usd:g} per {e.budget.period}" if e.budget else "-"
+        rate = str(e.rate_limit_per_min) if e.rate_limit_per_min else "-"
+        table.add_row(e.id, ",".join(e.scopes), budget, rate, e.created or "-")
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Option(..., "--id", help="The key to remove."), file: Path = KeysFileOpt):
+    """Remove a key from the store (a running gateway re-reads its keys_file within seconds)."""
+    from deployments.gateway.auth import KeyStoreError, revoke_key
+
+    try:
+        revoke_key(file, key_id)
+    except KeyStoreError as e:
+        _fail(str(e))
+    console.print(f"key {key_id!r} removed from {file}")
 
 
 def main() -> None:  # pragma: no cover

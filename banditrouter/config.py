@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,6 +83,29 @@ class RouterConfig(_Strict):
         120.0,
         gt=0,
         description="Per routed model call: past this the request answers 504 and the decision is logged with outcome 'timeout'.",
+    )
+    max_retries: int = Field(
+        1,
+        ge=0,
+        le=5,
+        description="Retries of a model call that failed retryably (upstream 5xx / connection error, a dead replica) on another"
+        " replica, with jittered backoff; then the router falls back to the policy's next-best model, all within model_timeout_s."
+        " 4xx are never retried.",
+    )
+    replica_wait_s: float = Field(
+        5.0,
+        gt=0,
+        description="How long a call waits for a live replica of the chosen model; past it the model counts as down and the"
+        " request falls back to the next-best model (within model_timeout_s).",
+    )
+    max_queued_requests: int = Field(
+        1024,
+        ge=-1,
+        description="Serve's max_queued_requests on the router and ingress deployments: requests waiting for a replica"
+        " beyond this are refused with 503 + Retry-After (-1: unbounded, Serve's default).",
+    )
+    backpressure_retry_after_s: float = Field(
+        1.0, ge=0, description="Retry-After (seconds) of the 503 Serve sends when max_queued_requests is exceeded."
     )
     context_turns: int = Field(
         1,
@@ -255,6 +279,30 @@ class AuthConfig(_Strict):
         None, description="Environment variable holding a key store as YAML/JSON text (for clusters; merged with keys_file)."
     )
 
+    @model_validator(mode="after")
+    def _keys_need_a_store(self):
+        if self.mode == "keys" and self.keys_file is None and not self.keys_env:
+            raise ValueError(
+                "gateway.auth.mode: keys needs gateway.auth.keys_file (a file written by `banditrouter keys create"
+                " --id NAME --scopes route --file keys.yaml`) and/or gateway.auth.keys_env (a variable holding that text)"
+            )
+        if self.keys_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.keys_env):
+            raise ValueError(f"gateway.auth.keys_env must be an environment variable name, got {self.keys_env!r}")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1 (brackets allowed): addresses no other machine can reach."""
+    import ipaddress
+
+    h = host.strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
 
 class LimitsConfig(_Strict):
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body; beyond it 413.")
@@ -291,6 +339,24 @@ class AppConfig(_Strict):
         if "router" in names:
             raise ValueError("'router' is reserved for the routed endpoint; rename that model")
         return models
+
+    @model_validator(mode="after")
+    def _keys_off_loopback(self):
+        """`gateway.auth.mode: none` only while the HTTP proxy binds a loopback address."""
+        if self.gateway.auth.mode == "none" and not is_loopback(self.server.host):
+            raise ValueError(
+                f"server.host {self.server.host!r} is reachable from other machines, and gateway.auth.mode is 'none': anyone"
+                " who can reach the port could spend on your models, read every decision and reset the policy. Add a key:\n"
+                "      banditrouter keys create --id admin --scopes admin --file keys.yaml   (prints the key once; the file"
+                " keeps only its hash)\n"
+                "    and in this config:\n"
+                "      gateway:\n"
+                "        auth:\n"
+                "          mode: keys\n"
+                "          keys_file: keys.yaml      # relative to this config's folder; or keys_env: BANDITROUTER_KEYS\n"
+                "    or bind server.host: 127.0.0.1"
+            )
+        return self
 
     @model_validator(mode="after")
     def _learning_needs_an_exploring_logger(self):
@@ -367,4 +433,11 @@ def load_config(source: str | os.PathLike | dict, base_dir: Path | None = None) 
     spill = cfg.learning.spill_dir
     if spill is not None and not spill.is_absolute():
         cfg = cfg.model_copy(update={"learning": cfg.learning.model_copy(update={"spill_dir": (base / spill).resolve()})})
+    keys_file = cfg.gateway.auth.keys_file
+    if keys_file is not None and not keys_file.is_absolute():
+        auth = cfg.gateway.auth.model_copy(update={"keys_file": (base / keys_file).resolve()})
+        cfg = cfg.model_copy(update={"gateway": cfg.gateway.model_copy(update={"auth": auth})})
+    if not cfg.gateway.state_dir.is_absolute():  # the budget ledger: the same file whichever folder serve runs from
+        gw_state = (base / cfg.gateway.state_dir).resolve()
+        cfg = cfg.model_copy(update={"gateway": cfg.gateway.model_copy(update={"state_dir": gw_state})})
     return cfg

@@ -97,7 +97,9 @@ async def _simulate(
             cost = float(routing["cost_usd"] or 0.0)
             fb_status = 0
             if feedback and math.isfinite(q):
-                async with session.post(f"{url}/v1/feedback", json={"decision_id": routing["decision_id"], "score": q}) as fb:
+                async with session.post(
+                    f"{url}/v1/feedback", json={"decision_id": routing["decision_id"], "score": q, "user": user}
+                ) as fb:
                     fb_status = fb.status
                     await fb.read()
         except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError) as e:
@@ -299,7 +301,9 @@ async def _open_loop(
             a.score = q if math.isfinite(q) else None
             if feedback and a.score is not None:
                 try:
-                    async with session.post(f"{url}/v1/feedback", json={"decision_id": r["decision_id"], "score": a.score}) as fb:
+                    async with session.post(
+                        f"{url}/v1/feedback", json={"decision_id": r["decision_id"], "score": a.score, "user": user}
+                    ) as fb:
                         a.feedback = fb.status
                         await fb.read()
                 except (aiohttp.ClientError, asyncio.TimeoutError):

@@ -63,12 +63,15 @@ class BufferActor:
         """Decisions, and the error/timeout outcomes routers observe, in batches from router replicas."""
         return self.buffer.append_decisions(events)
 
-    def add_feedback(self, decision_id: str, score: Any, event_id: str | None = None) -> dict[str, Any]:
-        """{"code": 200 recorded/duplicate | 202 held | 4xx refused, ...}: the status the ingress answers."""
+    def add_feedback(
+        self, decision_id: str, score: Any, event_id: str | None = None, key_id: str | None = None, user: str | None = None
+    ) -> dict[str, Any]:
+        """{"code": 200 recorded/duplicate | 202 held | 4xx refused, ...}: the status the ingress answers.
+        `key_id` / `user`: who sends it; another key's or user's decision is refused 403 `not_owner`."""
         from learner.buffer import FeedbackRefused
 
         try:
-            out = self.buffer.add_feedback(decision_id, score, event_id)
+            out = self.buffer.add_feedback(decision_id, score, event_id, key_id=key_id, user=user)
             return {"code": 202 if out["status"] == "held" else 200, **out}
         except FeedbackRefused as e:
             return {"code": e.status, "status": "refused", "reason": e.reason, "message": str(e)}
@@ -273,14 +276,9 @@ class LearnerActor:
 
     async def report_install(self, replica: str, version: int, installed_at: float) -> None:
         caused = self.core.version_feedback_time.get(version)  # a dict read: no lock needed
-        self.installs.append(
-            {
-                "replica": replica,
-                "version": version,
-                "time": installed_at,
-                "staleness_s": None if caused is None else installed_at - caused,
-            }
-        )
+        staleness_s = None if caused is None else installed_at - caused
+        self.installs.append({"replica": replica, "version": version, "time": installed_at, "staleness_s": staleness_s})
+        self.metrics.install(replica, staleness_s)
 
     # -- operators (each takes the lock in a worker thread: the loop keeps serving pollers) ----------------------
     async def reset(self) -> int:

@@ -23,6 +23,10 @@ the decision arrives, the held score is validated and recorded exactly as if it 
 that expires is refused as `unknown_decision`. Holds are written to a small SQLite file next to the log
 (`<log>.held.sqlite`), so a buffer restart does not lose feedback it already answered 202 for.
 
+Only the API key that made a decision (`DecisionEvent.key_id`) may score it, and only for the same `user` when
+the decision had one: anything else is refused `not_owner` (403) and counted, also for held feedback, checked
+when its decision arrives. A decision made with auth off (no key id) takes feedback from any key.
+
 Every piece of in-memory state is bounded: the per-user retrial state and the decisions awaiting acceptance
 are TTL caches (TTL = the retrial window + grace, at most `max_tracked_users` entries), the holds one of at most
 `max_held_feedback` entries with TTL `feedback_hold_s`.
@@ -153,21 +157,25 @@ class _HeldStore:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS held (decision_id TEXT PRIMARY KEY, event_id TEXT NOT NULL, score REAL NOT NULL,"
-            " received REAL NOT NULL)"
+            " received REAL NOT NULL, key_id TEXT, user TEXT)"
         )
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(held)")}
+        for col in ("key_id", "user"):  # a hold file written before feedback ownership existed
+            if col not in columns:
+                self.db.execute(f"ALTER TABLE held ADD COLUMN {col} TEXT")
 
     def put(self, decision_id: str, hold: dict[str, Any]) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO held (decision_id, event_id, score, received) VALUES (?, ?, ?, ?)",
-            (decision_id, hold["event_id"], hold["score"], hold["received"]),
+            "INSERT OR REPLACE INTO held (decision_id, event_id, score, received, key_id, user) VALUES (?, ?, ?, ?, ?, ?)",
+            (decision_id, hold["event_id"], hold["score"], hold["received"], hold.get("key_id"), hold.get("user")),
         )
 
     def delete(self, decision_id: str) -> None:
         self.db.execute("DELETE FROM held WHERE decision_id = ?", (decision_id,))
 
     def load(self) -> list[tuple[str, dict[str, Any]]]:
-        rows = self.db.execute("SELECT decision_id, event_id, score, received FROM held ORDER BY received")
-        return [(d, {"event_id": e, "score": s, "received": r}) for d, e, s, r in rows.fetchall()]
+        rows = self.db.execute("SELECT decision_id, event_id, score, received, key_id, user FROM held ORDER BY received")
+        return [(d, {"event_id": e, "score": s, "received": r, "key_id": k, "user": u}) for d, e, s, r, k, u in rows.fetchall()]
 
     def close(self) -> None:
         self.db.close()
@@ -363,19 +371,63 @@ class EventBuffer:
         self.refused[reason] += 1
         raise FeedbackRefused(status, reason, message)
 
-    def add_feedback(self, decision_id: str, score: Any, event_id: str | None = None) -> dict[str, Any]:
+    def add_feedback(
+        self,
+        decision_id: str,
+        score: Any,
+        event_id: str | None = None,
+        key_id: str | None = None,
+        user: str | None = None,
+    ) -> dict[str, Any]:
         """Validate and append an explicit score. Idempotent: the same score again answers 'duplicate'.
-        Feedback for a decision not in the log yet is held (status 'held') until it arrives."""
+        Feedback for a decision not in the log yet is held (status 'held') until it arrives. `key_id` / `user`:
+        who sends it; only the decision's own key (and user, when it had one) may score it (else 403 not_owner)."""
         if not isinstance(score, int | float) or isinstance(score, bool) or not math.isfinite(score):
             self._refuse(422, "not_finite", f"score must be a finite number in [0, 1], got {score!r}")
         if not 0.0 <= float(score) <= 1.0:
             self._refuse(422, "out_of_range", f"score must lie in [0, 1], got {score}")
-        if not self.log.has_decision(decision_id):
-            return self._hold(decision_id, float(score), event_id)
-        return self._record(decision_id, float(score), event_id)
+        owner = self._owner(decision_id)
+        if owner is None:
+            return self._hold(decision_id, float(score), event_id, key_id, user)
+        return self._record(decision_id, float(score), event_id, key_id=key_id, user=user, owner=owner)
 
-    def _record(self, decision_id: str, score: float, event_id: str | None, at: float | None = None) -> dict[str, Any]:
-        """`at`: when the feedback reached the buffer (a released hold's own time, so staleness counts the hold)."""
+    def _owner(self, decision_id: str) -> tuple[str | None, str | None] | None:
+        """(key_id, user) of the logged decision, or None when the log does not hold it. The buffer is the
+        log's one user, in one thread (the actor), like `_rebuild_tracking`'s direct read."""
+        row = self.log.db.execute(
+            "SELECT json_extract(body, '$.key_id'), json_extract(body, '$.user') FROM events"
+            " WHERE decision_id = ? AND kind = 'decision' LIMIT 1",
+            (decision_id,),
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def _check_owner(self, decision_id: str, owner: tuple[str | None, str | None], key_id: str | None, user: str | None):
+        """Refuses (403 not_owner, counted) feedback from another key, or for another user; the message names
+        neither the decision's key nor its user."""
+        owner_key, owner_user = owner
+        if owner_key is not None and key_id != owner_key:
+            self._refuse(403, "not_owner", f"decision {decision_id!r} was made with another API key; only that key may score it")
+        if owner_user and user != owner_user:
+            self._refuse(
+                403,
+                "not_owner",
+                f"decision {decision_id!r} was made for another user; send the request's own `user` with the feedback",
+            )
+
+    def _record(
+        self,
+        decision_id: str,
+        score: float,
+        event_id: str | None,
+        at: float | None = None,
+        *,
+        key_id: str | None = None,
+        user: str | None = None,
+        owner: tuple[str | None, str | None] | None = None,
+    ) -> dict[str, Any]:
+        """`at`: when the feedback reached the buffer (a released hold's own time, so staleness counts the hold).
+        `owner`: the decision's (key_id, user) when the caller already read it."""
+        self._check_owner(decision_id, owner if owner is not None else self._owner(decision_id) or (None, None), key_id, user)
         earlier = [v for k, v in self.log.outcomes(decision_id) if k == "explicit"]
         if earlier:
             if math.isclose(earlier[0], score, abs_tol=1e-12):
@@ -389,7 +441,9 @@ class EventBuffer:
         return {"status": "recorded", "decision_id": decision_id, "event_id": ev.event_id}
 
     # -- holds: feedback that came before its decision --------------------------------------------------------
-    def _hold(self, decision_id: str, score: float, event_id: str | None) -> dict[str, Any]:
+    def _hold(
+        self, decision_id: str, score: float, event_id: str | None, key_id: str | None = None, user: str | None = None
+    ) -> dict[str, Any]:
         unknown = f"no decision {decision_id!r} (it may not have been routed here)"
         if self.hold_s <= 0:
             self._refuse(404, "unknown_decision", unknown)
@@ -401,7 +455,13 @@ class EventBuffer:
             self._refuse(409, "conflict", f"decision {decision_id!r} already has score {held['score']} (held); scores are final")
         if len(self._held) >= self._held.maxsize:
             self._refuse(404, "unknown_decision", unknown + f"; {self._held.maxsize} feedbacks already wait for theirs")
-        hold = {"event_id": event_id or FeedbackEvent(decision_id, "explicit").event_id, "score": score, "received": self.clock()}
+        hold = {
+            "event_id": event_id or FeedbackEvent(decision_id, "explicit").event_id,
+            "score": score,
+            "received": self.clock(),
+            "key_id": key_id,
+            "user": user,
+        }
         self._held_store.put(decision_id, hold)
         self._held[decision_id] = hold
         self.holds["held"] += 1
@@ -415,7 +475,14 @@ class EventBuffer:
         if hold is None:
             return
         try:
-            self._record(decision_id, hold["score"], hold["event_id"], at=hold["received"])
+            self._record(
+                decision_id,
+                hold["score"],
+                hold["event_id"],
+                at=hold["received"],
+                key_id=hold.get("key_id"),
+                user=hold.get("user"),
+            )
         except FeedbackRefused:
             pass  # counted by _refuse, as it would have been had the feedback come after the decision
         # forgotten only once recorded: if the append failed, the hold (and its durable row) stays

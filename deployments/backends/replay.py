@@ -17,6 +17,23 @@ from banditrouter.embeddings import text_key
 from deployments.backends.base import BackendError, CompletionRequest, CompletionResult, estimate_tokens, stream_text
 
 
+def answerable_rows(log, name: str) -> list[int]:
+    """Rows of a routing log the replay backend answers `name` from: a logged response and a finite cost."""
+    k = log.models.index(name)
+    return [i for i in range(len(log)) if log.responses[i][k] is not None and np.isfinite(log.costs[i, k])]
+
+
+def max_logged_cost(log, name: str) -> float:
+    """Pricing for budgets: the most this replay model can charge one request is the largest logged cost among
+    the rows it answers from (every answer, exact or nearest match, is one of those rows, at its logged cost)."""
+    if log.responses is None or name not in log.models:
+        raise BackendError(f"replay: model {name!r} has no logged answers in {log.name}")
+    rows = answerable_rows(log, name)
+    if not rows:
+        raise BackendError(f"replay: {log.name} has no logged answers of {name!r}")
+    return float(np.max(log.costs[rows, log.models.index(name)]))
+
+
 class ReplayBackend:
     def __init__(self, name: str, cfg: ReplayBackendConfig, embedder=None):
         from banditrouter.data import load_dataset
@@ -27,8 +44,8 @@ class ReplayBackend:
             raise BackendError(f"replay: model {name!r} is not in {log.name} (it has {list(log.models)})")
         if log.responses is None:
             raise BackendError(f"replay: {log.name} has no logged responses to replay")
+        keep = answerable_rows(log, name)
         k = log.models.index(name)
-        keep = [i for i in range(len(log)) if log.responses[i][k] is not None and np.isfinite(log.costs[i, k])]
         if not keep:
             raise BackendError(f"replay: {log.name} has no logged answers of {name!r}")
         self.prompts = [log.prompts[i] for i in keep]

@@ -59,10 +59,12 @@ def route(text: str, user: str | None = None, timeout: float = 60) -> requests.R
     return requests.post(f"{BASE}/v1/chat/completions", json=body, timeout=timeout)
 
 
-def feedback(decision_id, score, raw: bytes | None = None) -> requests.Response:
+def feedback(decision_id, score, raw: bytes | None = None, user: str | None = None) -> requests.Response:
+    """Feedback must come from the decision's own user when it had one (gateway ownership rule)."""
     if raw is not None:
         return requests.post(f"{BASE}/v1/feedback", data=raw, headers={"content-type": "application/json"}, timeout=30)
-    return requests.post(f"{BASE}/v1/feedback", json={"decision_id": decision_id, "score": score}, timeout=30)
+    body = {"decision_id": decision_id, "score": score, **({"user": user} if user else {})}
+    return requests.post(f"{BASE}/v1/feedback", json=body, timeout=30)
 
 
 def stats() -> dict:
@@ -291,7 +293,8 @@ def _load(prompts, n: int, start: int, out: list, user_prefix="u", answered: lis
     for k in range(n):
         i = (start + k) % len(prompts.prompts)
         try:
-            r = route(prompts.prompts[i], user=f"{user_prefix}{k % 5}")
+            user = f"{user_prefix}{k % 5}"
+            r = route(prompts.prompts[i], user=user)
             if r.status_code != 200:
                 out.append(r.status_code)
                 continue
@@ -299,7 +302,7 @@ def _load(prompts, n: int, start: int, out: list, user_prefix="u", answered: lis
             if answered is not None:
                 answered.append(rt["decision_id"])
             j = POOL.index(rt["model"])
-            fb = feedback(rt["decision_id"], float(prompts.scores[i, j]))
+            fb = feedback(rt["decision_id"], float(prompts.scores[i, j]), user=user)
             out.append(200 if fb.status_code in (200, 202) else f"feedback {fb.status_code}")
         except requests.RequestException as e:
             out.append(type(e).__name__)

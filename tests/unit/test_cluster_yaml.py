@@ -63,3 +63,32 @@ def test_serve_config_files_validate_with_serve_schema():
 
     for name in ("serve.yaml", "serve-cluster.yaml"):
         ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "configs" / name).read_text()))
+
+
+def test_cluster_serves_with_api_keys_exported_on_every_node(cluster):
+    """The cluster binds 0.0.0.0, so its app config needs keys; the variable it names is exported (from the synced
+    key store) in the same shell as `ray start` on the head and on every worker, so Ray's workers inherit it."""
+    from banditrouter.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "cluster.yaml")
+    auth = cfg.gateway.auth
+    assert auth.mode == "keys" and auth.keys_env
+    for section in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in cluster[section] if "ray start" in c]
+        export = f'export {auth.keys_env}="$(cat ~/banditrouter/keys.yaml)"'
+        assert export in start and start.index(export) < start.index("ray start"), section
+        assert "test -s ~/banditrouter/keys.yaml ||" in start, section  # no keys: the node does not start
+    head_start = " ".join(cluster["head_start_ray_commands"])
+    assert "--dashboard-host=0.0.0.0" not in head_start  # the job API runs code and has no auth
+
+
+def test_cluster_config_without_keys_is_refused(cluster):
+    """The same app config with auth off is refused, naming how to add a key."""
+    import yaml
+
+    from banditrouter.config import ConfigError, load_config
+
+    raw = yaml.safe_load((ROOT / "configs" / "cluster.yaml").read_text())
+    del raw["gateway"]
+    with pytest.raises(ConfigError, match="banditrouter keys create"):
+        load_config(raw, base_dir=ROOT / "configs")
