@@ -4,25 +4,65 @@ Ray picks the machine's routable address for a local node unless RAY_ENABLE_WIND
 which makes it use the loopback address (ray._private.services.get_node_ip_address). The variable is read
 into a constant when ray is imported, so we set it for the workers (they inherit the environment) and
 patch the constant in this process in case ray was imported already.
+
+Serve replicas (Ray 2.60) also start an inter-deployment gRPC server bound to the wildcard address
+(`ray/serve/_private/replica.py`: `add_port_to_grpc_server(server, "[::]:0")`, hard-coded: no option or
+environment variable changes it). `bind_serve_servers_to_loopback`, run in every worker of this Ray as its
+`worker_process_setup_hook`, rebinds that server to 127.0.0.1 (issue 11, defect 13). It patches a Ray
+internal; `tests/integration/test_failures.py` checks the listening sockets of the app's processes, so a Ray
+upgrade that moves the bind fails there rather than silently listening on every interface again. A cluster
+started with `ray start` / `ray up` does not run this hook: there the replicas listen on all interfaces and
+the network (security groups, the cluster's private subnet) must keep them private.
 """
 
 from __future__ import annotations
 
 import os
 
+LOOPBACK_HOOK = "banditrouter.ray_local.bind_serve_servers_to_loopback"
+
+
+def bind_serve_servers_to_loopback() -> None:
+    """Worker setup hook: a gRPC server a Serve replica binds on the wildcard address ("[::]:port") binds on
+    127.0.0.1 instead. Runs before the replica module is imported, which takes the function by name."""
+    from ray._common import tls_utils
+
+    original = getattr(tls_utils.add_port_to_grpc_server, "__wrapped__", tls_utils.add_port_to_grpc_server)
+
+    def add_port_to_grpc_server(server, address: str):
+        if address.startswith(("[::]:", "0.0.0.0:")):
+            address = "127.0.0.1:" + address.rsplit(":", 1)[1]
+        return original(server, address)
+
+    add_port_to_grpc_server.__wrapped__ = original
+    tls_utils.add_port_to_grpc_server = add_port_to_grpc_server
+    replica = __import__("sys").modules.get("ray.serve._private.replica")
+    if replica is not None:  # imported already (not the case in a fresh worker): patch its reference too
+        replica.add_port_to_grpc_server = add_port_to_grpc_server
+
 
 def init_local_ray(num_cpus: int | None = None, dashboard: bool = False, **kwargs):
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:  # Serve's proxy (started by this Ray, inheriting the environment) bounds client x-request-ids
+        from deployments.gateway.errors import proxy_environment
+
+        for k, v in proxy_environment().items():
+            os.environ.setdefault(k, v)
+    except ImportError:  # without the serve extra there is no proxy
+        pass
     import ray
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+    runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+    runtime_env.setdefault("worker_process_setup_hook", LOOPBACK_HOOK)
     return ray.init(
         address="local",
         num_cpus=num_cpus,
         include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
         configure_logging=False,
+        runtime_env=runtime_env,
         **kwargs,
     )

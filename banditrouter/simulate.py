@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -123,17 +124,31 @@ async def _simulate(
             progress.update(1)
 
     timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency * 2), timeout=timeout) as session:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=concurrency * 2), timeout=timeout, headers=_auth()
+    ) as session:
         health = await _check_service(session, url, log)
         tau_box["tau"] = float(health["tau"])
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
     return outcomes, failures
 
 
+API_KEY_ENV = "BANDITROUTER_API_KEY"
+"""A deployment with API keys (gateway.auth.mode: keys) needs an admin key here: simulate reads /health's full
+answer, resets and flushes the learner."""
+
+
+def _auth() -> dict[str, str]:
+    key = os.environ.get(API_KEY_ENV)
+    return {"authorization": f"Bearer {key}"} if key else {}
+
+
 async def _check_service(session, url: str, log) -> dict:
     """GET /health; refuse a service that does not learn online or routes to models the log lacks."""
     async with session.get(f"{url}/health") as resp:
         health = await resp.json()
+    if "models" not in health:  # /health says only {"status": "ok"} to callers without the admin scope
+        raise SimulationError(f"{url} needs an admin API key for simulate: set {API_KEY_ENV}")
     if not health.get("learning"):
         raise SimulationError(f"{url} does not learn online (its config has learning.enabled: false)")
     if set(health["models"]) - set(log.models):
@@ -144,7 +159,8 @@ async def _check_service(session, url: str, log) -> dict:
 def _get(url: str, path: str, method: str = "GET") -> dict:
     import requests as http
 
-    resp = http.request(method, f"{url}{path}", timeout=60)
+    # state-changing routes take JSON only (the gateway refuses other content types: 415)
+    resp = http.request(method, f"{url}{path}", timeout=60, headers=_auth(), **({"json": {}} if method == "POST" else {}))
     resp.raise_for_status()
     return resp.json()
 
@@ -332,7 +348,7 @@ async def _open_loop(
                 pass
 
     timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout, headers=_auth()) as session:
         health = await _check_service(session, url, log)
         t0, stop = time.time(), asyncio.Event()
         watch = asyncio.create_task(sampler(t0, stop))

@@ -12,13 +12,24 @@ from banditrouter.config import AppConfig, load_config
 
 
 def _options(
-    cfg: AppConfig, num_replicas: int, autoscaling: dict | None, actor_options: dict, max_ongoing: int
+    cfg: AppConfig,
+    num_replicas: int,
+    autoscaling: dict | None,
+    actor_options: dict,
+    max_ongoing: int,
+    max_queued: int | None = None,
 ) -> dict[str, Any]:
+    """Serve options of one deployment. `max_queued`: Serve's `max_queued_requests` (requests waiting in a
+    caller's handle for a replica with a free slot), with `backpressure_config.retry_after_s` so the 503 Serve
+    answers beyond it carries Retry-After; None leaves Serve's default (unbounded)."""
     opts: dict[str, Any] = {
         "ray_actor_options": dict(actor_options),
         "max_ongoing_requests": max_ongoing,
         "logging_config": {"enable_access_log": cfg.server.access_log, "log_level": cfg.server.log_level},
     }
+    if max_queued is not None and max_queued != -1:
+        opts["max_queued_requests"] = max_queued
+        opts["backpressure_config"] = {"status_code": 503, "retry_after_s": cfg.router.backpressure_retry_after_s}
     if autoscaling:
         opts["autoscaling_config"] = dict(autoscaling)
     else:
@@ -53,10 +64,16 @@ def build_app(cfg: AppConfig) -> Application:
         **_options(cfg, e.num_replicas, None, e.ray_actor_options, e.max_ongoing_requests)
     ).bind(e)
     r = cfg.router
-    router = Router.options(**_options(cfg, r.num_replicas, None, r.ray_actor_options, r.max_ongoing_requests)).bind(
+    # Bounded queues upstream of admission. The ingress takes max_queued_requests more requests at once than
+    # the router, so under overload the queue that fills first is the ingress's handle to the router: Serve
+    # raises BackPressureError there and the ingress answers its JSON 503 + Retry-After. Only past that does
+    # the proxy refuse (Serve's own 503: plain text, with Retry-After from backpressure_config).
+    queued = r.max_queued_requests
+    router = Router.options(**_options(cfg, r.num_replicas, None, r.ray_actor_options, r.max_ongoing_requests, queued)).bind(
         cfg, embedder, models
     )
-    return Ingress.options(**_options(cfg, r.num_replicas, None, {"num_cpus": 0}, r.max_ongoing_requests)).bind(
+    ingress_ongoing = r.max_ongoing_requests + max(0, queued)
+    return Ingress.options(**_options(cfg, r.num_replicas, None, {"num_cpus": 0}, ingress_ongoing, queued)).bind(
         cfg, router, models
     )
 

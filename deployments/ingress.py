@@ -1,96 +1,67 @@
-"""OpenAI-compatible ingress (FastAPI through `serve.ingress`). No `from __future__ import annotations` here:
-FastAPI must see real types in the route signatures that Serve rewrites.
+"""OpenAI-compatible ingress (FastAPI through `serve.ingress`): the Serve deployment and thin routes. The
+gateway's concerns live in deployments/gateway/: errors.py (the error shape, request id, body size, the 500
+of last resort), parsing.py (body checks and schemas), auth.py (keys and scopes), budgets.py + cost.py
+(reserve a request's maximum cost before dispatch, settle after). No `from __future__ import annotations`
+here: FastAPI must see real types in the route signatures that Serve rewrites.
 
-    POST /v1/chat/completions   model "router" routes; a pool model's name calls that model directly
+    POST /v1/chat/completions   scope route. model "router" routes; a pool model's name calls that model
                                  routing preference per request: {"routing": {"preference": {"quality", "cost"}}}
                                  stream: true answers with server-sent events
-    GET  /v1/models             "router" and every pool model
-    GET  /health
+    GET  /v1/models             scope route. "router" and every pool model
+    POST /v1/feedback           scope route, on the caller's own decisions
+    GET  /health                {"status": "ok"}; the policy, tau, models and learning state for admin only
+    GET  /v1/learner/stats, /v1/learner/installs, /v1/routing/events    scope admin
+    POST /v1/learner/flush, /v1/learner/reset                           scope admin
 
-Every error is JSON {"error": {"message", "type", "code", "request_id"}} with a 4xx/5xx status (a routed
-model that fails: 502; one that runs past `router.model_timeout_s`: 504); the
-request id is also in the `x-request-id` header, which Serve's proxy sets (from the request's own
-`x-request-id` when it sends one).
+State-changing routes (POST) take `content-type: application/json` only (415 otherwise): a browser cannot
+send that cross-origin without a preflight, so a page on another origin cannot reset the policy.
+
+Every error is JSON {"error": {"message", "type", "code", "request_id"}} (deployments/gateway/errors.py):
+400 / 413 / 415 / 422 bad input, 401 / 403 keys and scopes, 429 budget or rate limit, 503 overloaded (with
+Retry-After), 502 the model failed (a fixed message and the model's name; the details in the server log),
+504 it ran past `router.model_timeout_s`. A stream answers those as status codes too: routing, admission and
+the first upstream item happen before the 200; a failure mid-stream ends it with an error event and [DONE].
 """
 
+import asyncio
 import json
+import logging
 import time
 import uuid
-from typing import Any, Literal
+from pathlib import Path
 
-from fastapi import FastAPI, Request
+import ray
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from banditrouter.config import AppConfig
 from banditrouter.schemas import new_id
 from deployments import conversation
 from deployments.backends import BackendError, CompletionRequest, CompletionResult
+from deployments.gateway import errors, parsing
+from deployments.gateway.auth import KeyStore, Principal, optional_principal, require_admin, require_route
+from deployments.gateway.errors import ApiError, request_id
+from deployments.gateway.parsing import require_json
 from deployments.router import ModelTimeout, QueueFull, RouteRequest
+
+log = logging.getLogger("ray.serve")
 
 app = FastAPI(title="banditrouter", version="0.1.0")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# request schema (pydantic at the HTTP boundary)
-# ---------------------------------------------------------------------------------------------------------
-class PreferenceIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    quality: float = Field(..., ge=0)
-    cost: float = Field(..., ge=0)
+def _bind(asgi_app) -> None:
+    """The first request in a replica hands the app (Serve's copy of it) the deployment's state."""
+    serve.get_replica_context().servable_object.bind(asgi_app)
 
 
-class RoutingIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    preference: PreferenceIn | None = None
+errors.install(app, _bind)
 
-
-class MessageIn(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-    model: str = Field(..., min_length=1)
-    messages: list[MessageIn] = Field(..., min_length=1)
-    stream: bool = False
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    user: str | None = None
-    routing: RoutingIn | None = None
-
-    @field_validator("messages")
-    @classmethod
-    def _has_user_text(cls, messages):
-        if not any(_text(m) for m in messages if m.role == "user"):
-            raise ValueError("messages must include a user message with text content")
-        return messages
-
-
-def _text(m: MessageIn) -> str:
-    return conversation.content_text(m.content)  # the same text the router reads (deployments/conversation.py)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code = status, message, type_, code
-
-
-def _error(request_id: str, e: ApiError) -> JSONResponse:
-    body = {"error": {"message": e.message, "type": e.type, "code": e.code, "request_id": request_id}}
-    return JSONResponse(body, status_code=e.status)  # Serve's proxy sets the x-request-id header
-
-
-def _request_id(request: Request) -> str:
-    """The id Serve's proxy assigned (the client's x-request-id when it sent one): the same id the proxy
-    puts in the response's x-request-id header."""
-    from ray.serve.context import _get_serve_request_context
-
-    return _get_serve_request_context().request_id or request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex[:16]}"
+HIDDEN_EVENT_FIELDS = ("context", "turn_context")
+"""Raw embeddings: never sent to clients (events keep `context_ref`)."""
+PATH_FIELDS = ("path", "checkpoint")
+"""Server file paths in learner / buffer stats: only the file's name goes out."""
 
 
 def _cause(e: BaseException) -> BaseException:
@@ -100,12 +71,47 @@ def _cause(e: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else e
 
 
-def _validation_message(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
+def _one_line(text: str, limit: int = 200) -> str:
+    return (text.splitlines() or [""])[0][:limit]
+
+
+def _failure(e: BaseException, model: str, max_cost: float, cfg: AppConfig) -> tuple[ApiError, float]:
+    """The answer to a failed dispatch and what it cost (to settle): 0 when nothing reached an upstream or it
+    billed nothing, the reserved maximum when it may have billed (a timeout, a replica that died mid-call)."""
+    cause = _cause(e)
+    if isinstance(e, QueueFull):  # the router's pool (ACQB) or the chosen model's queue is full
+        retry = getattr(cause, "retry_after_s", None) or 1.0
+        return ApiError(503, "the router's queue is full; retry later", "overloaded", "queue_full", retry_after_s=retry), 0.0
+    if isinstance(e, BackPressureError):  # Serve's max_queued_requests
+        retry = getattr(cfg.router, "backpressure_retry_after_s", 1.0)
+        return ApiError(503, "the gateway is overloaded; retry later", "overloaded", "overloaded", retry_after_s=retry), 0.0
+    if isinstance(e, DeploymentUnavailableError):  # the app is being deployed or torn down
+        return ApiError(503, "the service is not available right now; retry", "overloaded", "unavailable", retry_after_s=1.0), 0.0
+    failed = getattr(cause, "model", None) or model
+    if isinstance(e, ModelTimeout):  # our own exception: its message names the model and the limit
+        message = _one_line(str(cause)) or _timeout_message(failed, cfg)
+        return ApiError(504, message, "timeout_error", "model_timeout"), max_cost
+    if isinstance(e, BackendError):
+        if getattr(cause, "client_error", False):  # the upstream refused the request itself (its message is URL-free)
+            return ApiError(400, _one_line(getattr(cause, "message", str(cause))), code="upstream_refused"), 0.0
+        return ApiError(502, f"model {failed!r} failed to answer; retry later or call another model", "upstream_error"), 0.0
+    if isinstance(e, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
+        return ApiError(502, f"model {failed!r} became unavailable; retry", "upstream_error", "replica_unavailable"), max_cost
+    raise e
+
+
+def _timeout_message(model: str, cfg: AppConfig) -> str:
+    return f"model {model!r} did not answer within {cfg.router.model_timeout_s:g} s"
+
+
+async def _settle(ticket, cost: float) -> None:
+    await asyncio.shield(ticket.settle(cost))  # a client that goes away must not cancel the ledger's update
+
+
+def _without_paths(stats):
+    if isinstance(stats, dict):
+        return {k: (Path(v).name if k in PATH_FIELDS and isinstance(v, str) else _without_paths(v)) for k, v in stats.items()}
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -115,10 +121,21 @@ def _validation_message(e: ValidationError) -> str:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, cfg: AppConfig, router, models: dict):
+        from banditrouter.metrics import GatewayMetrics
+        from deployments.gateway.budgets import Gate
+        from deployments.gateway.cost import CostModel
+
         self.cfg = cfg
+        self.limits = cfg.gateway.limits
         self.router = router
         self.models = models
+        self.model_cfgs = {m.name: m for m in cfg.models}
         self.default_preference = cfg.policy.default_preference.as_tuple()
+        # app.state is Serve's copy of the app, reachable only once requests come: `bind` hands these over
+        self.keystore = KeyStore.from_config(cfg.gateway.auth)
+        self.metrics = GatewayMetrics()
+        self.gate = Gate(cfg, metrics=self.metrics)
+        self.costs = CostModel.from_config(cfg)
         self.buffer = self.learner = None
         if cfg.learning.enabled:
             from learner.actors import get_or_create_buffer, get_or_create_learner
@@ -126,104 +143,118 @@ class Ingress:
             self.buffer = get_or_create_buffer(cfg)
             self.learner = get_or_create_learner(cfg)
 
-    async def _json_object(self, request: Request) -> dict:
-        """The body as a JSON object (NaN/Infinity kept as floats, for the validators to refuse), or a 400."""
-        raw = await request.body()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ApiError(400, f"request body is not valid UTF-8 (byte {e.start})") from None
-        try:
-            data = json.loads(text, parse_constant=lambda c: float("nan"))
-        except json.JSONDecodeError as e:
-            raise ApiError(400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        return data
+    def bind(self, asgi_app) -> None:
+        state = asgi_app.state
+        state.keystore, state.limits, state.metrics = self.keystore, self.limits, self.metrics
+        state.gateway_ready = True
 
-    async def _parse(self, request: Request) -> ChatRequest:
-        data = await self._json_object(request)
-        try:
-            body = ChatRequest.model_validate(data)
-        except ValidationError as e:
-            raise ApiError(422, _validation_message(e)) from None
-        pref = body.routing.preference if body.routing else None
-        if pref is not None and pref.quality + pref.cost <= 0:
-            raise ApiError(422, "routing.preference: quality and cost must not both be zero")
+    # -- chat ---------------------------------------------------------------------------------------------
+    def _reachable(self, model: str) -> list:
+        return list(self.model_cfgs.values()) if model == "router" else [self.model_cfgs[model]]
+
+    async def _chat_request(self, request: Request) -> parsing.ChatRequest:
+        body = parsing.parse_chat(parsing.loads_object(await request.body(), self.limits), self.limits)
         if body.model != "router" and body.model not in self.models:
             raise ApiError(
                 404, f"unknown model {body.model!r}; use 'router' or one of {list(self.models)}", code="model_not_found"
             )
+        passthrough = body.passthrough()
+        parsing.check_passthrough(passthrough, self._reachable(body.model))
+        if body.stream and passthrough and (passthrough.get("n", 1) > 1 or "tools" in passthrough):
+            field = "n" if passthrough.get("n", 1) > 1 else "tools"
+            msg = f"{field}: a streamed answer carries one text choice; use stream: false"
+            raise ApiError(400, msg, code="unsupported_parameter")
         return body
 
-    def _preference(self, body: ChatRequest) -> tuple[float, float]:
-        pref = body.routing.preference if body.routing else None
-        if pref is None:
-            return self.default_preference
-        total = pref.quality + pref.cost
-        return (pref.quality / total, pref.cost / total)
-
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request):
-        request_id = _request_id(request)
+    async def chat_completions(
+        self, request: Request, principal: Principal = Depends(require_route), _json: None = Depends(require_json)
+    ):
+        rid = request_id(request)
+        body = await self._chat_request(request)
+        messages = [m.forwarded() for m in body.messages]
+        try:  # the latest user turn (+ router.context_turns - 1 earlier ones, newest first), not all turns joined
+            conv = conversation.parse(messages, self.cfg.router.context_turns)
+        except ValueError as e:  # e.g. the only user text is whitespace
+            raise ApiError(422, f"messages: {e}") from None
+        passthrough = body.passthrough()
+        # the cap the maximum cost assumes is the cap sent upstream, so the reservation bounds the bill
+        max_tokens = body.max_tokens or self.limits.max_tokens
+        from deployments.gateway.cost import input_token_bound
+
+        n = (passthrough or {}).get("n", 1)
+        max_cost = n * self.costs.max_cost(body.model, input_token_bound(messages), max_tokens)
+        ticket = await self.gate.admit(principal, max_cost)
+        user = body.user or request.headers.get("x-user-id")
+        spent, handed_over = max_cost, False
         try:
-            body = await self._parse(request)
-            messages = [m.model_dump(exclude_none=True) for m in body.messages]
-            # the latest user turn (+ router.context_turns - 1 earlier ones, newest first), not all turns joined
-            try:
-                conv = conversation.parse(messages, self.cfg.router.context_turns)
-            except ValueError as e:  # e.g. the only user text is whitespace
-                raise ApiError(422, f"messages: {e}") from None
-            prompt = conv.routing_text
             if body.model == "router":
                 req = RouteRequest(
-                    request_id=request_id,
+                    request_id=rid,
                     messages=messages,
-                    prompt=prompt,
-                    preference=self._preference(body),
-                    max_tokens=body.max_tokens,
+                    prompt=conv.routing_text,
+                    preference=body.preference(self.default_preference),
+                    max_tokens=max_tokens,
                     temperature=body.temperature,
-                    user=body.user or request.headers.get("x-user-id"),
+                    user=user,
                     turn=conv.turn,
                     history_refs=conv.history_refs,
                     arrived_at=time.time(),
+                    key_id=principal.key_id,
+                    **({"passthrough": passthrough} if passthrough else {}),
                 )
                 if body.stream:
-                    return await self._stream_routed(request_id, req)
+                    resp = await self._stream_routed(req, ticket, max_cost)
+                    handed_over = True
+                    return resp
                 out = await self.router.route.remote(req)
-                return self._completion(request_id, out["result"], out["routing"]["model"], out["routing"])
+                spent = out["result"].cost_usd
+                return self._completion(out["result"], out["routing"]["model"], out["routing"])
             creq = CompletionRequest(
-                request_id=request_id, messages=messages, prompt=prompt, max_tokens=body.max_tokens, temperature=body.temperature
+                request_id=rid,
+                messages=messages,
+                prompt=conv.routing_text,
+                max_tokens=max_tokens,
+                temperature=body.temperature,
+                passthrough=passthrough,
             )
             if body.stream:
-                return await self._stream_direct(request_id, body.model, creq)
-            result = await self.models[body.model].complete.remote(creq)
-            return self._completion(request_id, result, body.model, None)
-        except ApiError as e:
-            return _error(request_id, e)
-        except QueueFull as e:  # the router's pool (ACQB) or the chosen model's queue is full
-            full = _cause(e)
-            resp = _error(request_id, ApiError(503, str(full) or "the router's queue is full; retry later", "overloaded"))
-            resp.headers["Retry-After"] = str(max(1, int(getattr(full, "retry_after_s", 1))))  # RFC 9110 delay-seconds
-            return resp
-        except BackendError as e:
-            return _error(request_id, ApiError(502, f"model backend failed: {_cause(e)}", "upstream_error"))
-        except ModelTimeout as e:
-            return _error(request_id, ApiError(504, str(_cause(e)), "timeout_error", "model_timeout"))
+                resp = await self._stream_direct(body.model, creq, ticket, max_cost)
+                handed_over = True
+                return resp
+            try:
+                result = await asyncio.wait_for(self.models[body.model].complete.remote(creq), self.cfg.router.model_timeout_s)
+            except asyncio.TimeoutError:
+                raise ModelTimeout(_timeout_message(body.model, self.cfg)) from None
+            spent = result.cost_usd
+            return self._completion(result, body.model, None)
+        except (
+            QueueFull,
+            BackPressureError,
+            DeploymentUnavailableError,
+            ModelTimeout,
+            BackendError,
+            ray.exceptions.RayActorError,
+        ) as e:
+            err, spent = _failure(e, body.model, max_cost, self.cfg)
+            log.warning("request %s: %s answered %d: %r", rid, body.model, err.status, _cause(e))
+            raise err from None
+        finally:
+            if not handed_over:
+                await _settle(ticket, spent)
 
-    def _completion(self, request_id: str, result: CompletionResult, model: str, routing: dict | None) -> JSONResponse:
+    def _completion(self, result: CompletionResult, model: str, routing: dict | None) -> JSONResponse:
+        info = dict(result.info)
+        choices = info.pop("choices", None)  # an upstream's own choices (n, tool calls), when it returned them
         body = {
             "id": f"chatcmpl-{(routing or {}).get('decision_id') or uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": "stop"}],
-            "usage": {
-                "prompt_tokens": result.input_tokens,
-                "completion_tokens": result.output_tokens,
-                "total_tokens": result.input_tokens + result.output_tokens,
-            },
-            "backend": result.info,
+            "choices": choices
+            or [{"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": "stop"}],
+            "usage": self._usage(result),
+            "backend": info,
         }
         headers = {}
         if routing is not None:
@@ -231,6 +262,18 @@ class Ingress:
             headers["x-decision-id"] = routing["decision_id"]
         return JSONResponse(body, headers=headers)
 
+    @staticmethod
+    def _usage(result: CompletionResult) -> dict:
+        usage = {
+            "prompt_tokens": result.input_tokens,
+            "completion_tokens": result.output_tokens,
+            "total_tokens": result.input_tokens + result.output_tokens,
+        }
+        if result.info.get("usage_estimated"):
+            usage["estimated"] = True  # the upstream omitted usage: counts (and cost) are estimates
+        return usage
+
+    # -- streaming ----------------------------------------------------------------------------------------
     @staticmethod
     def _chunk(cid: str, model: str, delta: dict, finish: str | None = None, **extra) -> str:
         body = {
@@ -243,39 +286,74 @@ class Ingress:
         }
         return f"data: {json.dumps(body)}\n\n"
 
-    async def _sse(self, cid: str, model: str, items, routing: dict | None):
-        yield self._chunk(cid, model, {"role": "assistant", "content": ""}, **({"routing": routing} if routing else {}))
-        final = None
-        async for item in items:
-            if isinstance(item, CompletionResult):
-                final = item
-                continue
-            yield self._chunk(cid, model, {"content": item})
-        extra = {}
-        if final is not None:
-            extra["usage"] = {
-                "prompt_tokens": final.input_tokens,
-                "completion_tokens": final.output_tokens,
-                "total_tokens": final.input_tokens + final.output_tokens,
-            }
-            if routing:
-                extra["routing"] = {**routing, "cost_usd": final.cost_usd}
-        yield self._chunk(cid, model, {}, "stop", **extra)
-        yield "data: [DONE]\n\n"
+    async def _sse(self, rid: str, cid: str, model: str, first, items, routing: dict | None, ticket, max_cost: float):
+        """The event stream. `first`: the item already taken from `items` before the 200 went out (None: none).
+        A failure mid-stream ends it with `data: {"error": {...}}` and `data: [DONE]`; the ticket is settled
+        here in any case (the reserved maximum unless the final result said what the call cost)."""
+        spent = max_cost
+        try:
+            yield self._chunk(cid, model, {"role": "assistant", "content": ""}, **({"routing": routing} if routing else {}))
+            final = None
+            try:
+                pending = [first] if first is not None else []
+                while True:
+                    if pending:
+                        item = pending.pop()
+                    else:
+                        try:
+                            item = await items.__anext__()
+                        except StopAsyncIteration:
+                            break
+                    if isinstance(item, CompletionResult):
+                        final = item
+                        continue
+                    yield self._chunk(cid, model, {"content": item})
+            except Exception as e:
+                try:
+                    err, _ = _failure(e, model, max_cost, self.cfg)
+                except Exception:
+                    err = ApiError(500, errors.INTERNAL_ERROR, "server_error", "internal_error")
+                log.warning("request %s: stream from %s failed midway: %r", rid, model, _cause(e))
+                body = {"error": {"message": err.message, "type": err.type, "code": err.code, "request_id": rid}}
+                yield f"data: {json.dumps(body)}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            extra = {}
+            if final is not None:
+                spent = final.cost_usd
+                extra["usage"] = self._usage(final)
+                if routing:
+                    extra["routing"] = {**routing, "cost_usd": final.cost_usd}
+            yield self._chunk(cid, model, {}, "stop", **extra)
+            yield "data: [DONE]\n\n"
+        finally:
+            await _settle(ticket, spent)
 
-    async def _stream_routed(self, request_id: str, req: RouteRequest) -> StreamingResponse:
+    async def _stream_routed(self, req: RouteRequest, ticket, max_cost: float) -> StreamingResponse:
+        """The router's stream yields the routing dict only once the request holds a model slot and the
+        model's first item is in: a full queue, a failed or timed-out model is still a status code here."""
         gen = self.router.options(stream=True).route_stream.remote(req)
-        routing = await gen.__anext__()  # decided before the first byte, so errors can still be a status code
+        routing = await gen.__anext__()
         cid = f"chatcmpl-{routing['decision_id']}"
         headers = {"x-decision-id": routing["decision_id"]}
-        return StreamingResponse(self._sse(cid, routing["model"], gen, routing), media_type="text/event-stream", headers=headers)
+        events = self._sse(req.request_id, cid, routing["model"], None, gen, routing, ticket, max_cost)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
-    async def _stream_direct(self, request_id: str, model: str, creq: CompletionRequest) -> StreamingResponse:
+    async def _stream_direct(self, model: str, creq: CompletionRequest, ticket, max_cost: float) -> StreamingResponse:
         gen = self.models[model].options(stream=True).stream.remote(creq)
-        return StreamingResponse(self._sse(f"chatcmpl-{uuid.uuid4().hex}", model, gen, None), media_type="text/event-stream")
+        try:  # the first item before the 200: a failing or silent model is a 502 / 504 status code
+            first = await asyncio.wait_for(gen.__anext__(), self.cfg.router.model_timeout_s)
+        except asyncio.TimeoutError:
+            gen.cancel()
+            raise ModelTimeout(_timeout_message(model, self.cfg)) from None
+        except StopAsyncIteration:
+            first = None
+        events = self._sse(creq.request_id, f"chatcmpl-{uuid.uuid4().hex}", model, first, gen, None, ticket, max_cost)
+        return StreamingResponse(events, media_type="text/event-stream")
 
+    # -- the rest -----------------------------------------------------------------------------------------
     @app.get("/v1/models")
-    async def list_models(self):
+    async def list_models(self, principal: Principal = Depends(require_route)):
         now = int(time.time())
         names = ["router", *self.models]
         return {
@@ -284,7 +362,9 @@ class Ingress:
         }
 
     @app.get("/health")
-    async def health(self):
+    async def health(self, principal: Principal | None = Depends(optional_principal)):
+        if principal is None or not principal.has("admin"):
+            return {"status": "ok"}
         info = await self.router.info.remote()
         return {
             "status": "ok",
@@ -299,70 +379,53 @@ class Ingress:
         if self.buffer is None:
             raise ApiError(404, "online learning is off in this deployment (learning.enabled: false)", code="learning_disabled")
 
-    async def _if_learning(self, request: Request, call):
-        """`await call()` when learning is on; the 404 JSON error otherwise."""
-        try:
-            self._learning()
-        except ApiError as e:
-            return _error(_request_id(request), e)
-        return await call()
-
     @app.post("/v1/feedback")
-    async def feedback(self, request: Request):
-        """{"decision_id": str, "score": float in [0, 1]}. Idempotent per decision; a second, different score
-        409; NaN / out of range 422. Feedback for a decision the buffer does not hold yet (the router delivers
-        decisions after answering) is held for `learning.feedback_hold_s`: 202 {"status": "held"}; an unknown
-        id is 404 only when the hold is off or full. Every refusal is counted at the buffer."""
-        request_id = _request_id(request)
-        try:
-            self._learning()
-            data = await self._json_object(request)
-            decision_id, score = data.get("decision_id"), data.get("score")
-            if not isinstance(decision_id, str) or not decision_id:
-                raise ApiError(422, "decision_id: a non-empty string is required")
-            if "score" not in data:
-                raise ApiError(422, "score: required, a number in [0, 1]")
-            # the event id is fixed here, so a call Ray retries (buffer restarting) cannot record it twice
-            out = await self.buffer.add_feedback.remote(decision_id, score, new_id())
-            code = out.pop("code")
-            if code >= 400:
-                kind = {404: "not_found_error", 409: "conflict_error"}.get(code, "invalid_request_error")
-                raise ApiError(code, out["message"], kind, out["reason"])
-            return JSONResponse({**out, "request_id": request_id}, status_code=code)
-        except ApiError as e:
-            return _error(request_id, e)
+    async def feedback(
+        self, request: Request, principal: Principal = Depends(require_route), _json: None = Depends(require_json)
+    ):
+        """{"decision_id": str, "score": float in [0, 1], "user"?: str}. Only the key (and user, when the
+        decision had one) that made the request may score it (403 otherwise). Idempotent per decision; a
+        second, different score 409; NaN / out of range 422. Feedback for a decision the buffer does not hold
+        yet is held for `learning.feedback_hold_s`: 202 {"status": "held"}; an unknown id is 404 only when the
+        hold is off or full. Every refusal of a score is counted at the buffer."""
+        rid = request_id(request)
+        self._learning()
+        fb = parsing.parse_feedback(parsing.loads_object(await request.body(), self.limits))
+        user = fb.user or request.headers.get("x-user-id")
+        # the event id is fixed here, so a call Ray retries (buffer restarting) cannot record it twice
+        out = await self.buffer.add_feedback.remote(fb.decision_id, fb.score, new_id(), key_id=principal.key_id, user=user)
+        code = out.pop("code")
+        if code >= 400:
+            kind = {403: "permission_error", 404: "not_found_error", 409: "conflict_error"}.get(code, "invalid_request_error")
+            raise ApiError(code, out["message"], kind, out["reason"])
+        return JSONResponse({**out, "request_id": rid}, status_code=code)
 
     @app.get("/v1/learner/stats")
-    async def learner_stats(self, request: Request):
-        async def both():
-            return {"learner": await self.learner.stats.remote(), "buffer": await self.buffer.stats.remote()}
-
-        return await self._if_learning(request, both)
+    async def learner_stats(self, principal: Principal = Depends(require_admin)):
+        self._learning()
+        learner, buffer = await asyncio.gather(self.learner.stats.remote(), self.buffer.stats.remote())
+        return {"learner": _without_paths(learner), "buffer": _without_paths(buffer)}
 
     @app.get("/v1/learner/installs")
-    async def learner_installs(self, request: Request):
+    async def learner_installs(self, principal: Principal = Depends(require_admin)):
         """When each router replica installed each version, and the staleness of that install."""
-
-        async def installs():
-            return {"installs": await self.learner.installs_log.remote()}
-
-        return await self._if_learning(request, installs)
+        self._learning()
+        return {"installs": await self.learner.installs_log.remote()}
 
     @app.post("/v1/learner/flush")
-    async def learner_flush(self, request: Request):
+    async def learner_flush(self, principal: Principal = Depends(require_admin), _json: None = Depends(require_json)):
         """Consume the whole log now, update, commit and export the checkpoint (end of a run)."""
-        return await self._if_learning(request, lambda: self.learner.flush.remote())
+        self._learning()
+        return _without_paths(await self.learner.flush.remote())
 
     @app.post("/v1/learner/reset")
-    async def learner_reset(self, request: Request):
+    async def learner_reset(self, principal: Principal = Depends(require_admin), _json: None = Depends(require_json)):
         """Cold start: the learner replaces the policy with an untrained one; routers install it."""
-
-        async def reset():
-            return {"version": await self.learner.reset.remote()}
-
-        return await self._if_learning(request, reset)
+        self._learning()
+        return {"version": await self.learner.reset.remote()}
 
     @app.get("/v1/routing/events")
-    async def events(self, n: int = 100):
-        """The router replica's most recent decision events (for inspection and tests)."""
-        return {"events": await self.router.recent_events.remote(min(max(n, 1), 10_000))}
+    async def events(self, n: int = Query(100, ge=1, le=10_000), principal: Principal = Depends(require_admin)):
+        """The router replica's most recent decision events, without raw embeddings (for inspection, tests)."""
+        events = await self.router.recent_events.remote(n)
+        return {"events": [{k: v for k, v in e.items() if k not in HIDDEN_EVENT_FIELDS} for e in events]}

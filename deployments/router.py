@@ -11,10 +11,29 @@ the queue length at decision; `banditrouter_queue_length` exports the replica's 
 
 The response never waits on the learning path: the decision goes to a `DecisionShipper`
 (`deployments/delivery.py`) that delivers it to the buffer in the background, with a bounded timeout and a
-local spill. A model call that fails (`BackendError`, a dead model replica, any exception) or runs past
-`router.model_timeout_s` is still a decision: it is logged with outcome "error" / "timeout" and an outcome
-event of that kind (value 0), so the policy learns that the arm fails, and then the error goes to the caller
-(502 / 504 at the ingress for a backend error or a timeout).
+local spill. A model call that fails or runs past `router.model_timeout_s` is still a decision: it is logged
+with outcome "error" / "timeout" and an outcome event of that kind (value 0), so the policy learns that the
+arm fails.
+
+Failure semantics (one deadline, `router.model_timeout_s`, bounds everything below):
+- retryable (a `BackendError` marked retryable: upstream 5xx / connection error; a dead replica:
+  RayActorError / ActorDiedError / ActorUnavailableError, Serve's ReplicaUnavailableError /
+  DeploymentUnavailableError): retried on another replica (Serve's handle picks a live one) at most
+  `router.max_retries` times with jittered exponential backoff; then the router **falls back** to the
+  next-best model by the policy among the models not yet failed (`Policy.fallback_probabilities`: the
+  policy's probabilities renormalised over the rest, or its best remaining arm, propensity 1, when it is
+  greedy). A model with no live replica within `router.replica_wait_s` (every replica down) falls back at
+  once, without retries. Each failed attempt is logged as its own decision (outcome error); the answer is
+  logged as the decision for the model that served it, with `fallback=True` and that propensity, and the
+  routing dict says `"fallback": true, "failed_models": [...]`.
+- not retryable (a 4xx from an upstream, no logged answer, a misconfiguration, anything unexpected): logged,
+  no retry, no fallback; the ingress gets a `BackendError` (502, or 400 when `client_error`).
+- past the deadline: `ModelTimeout` (504), logged with outcome timeout.
+When every model failed, the ingress gets the last `BackendError`. Nothing else leaves `route`/`route_stream`
+except `QueueFull` (503 + Retry-After) and client cancellation.
+
+ACQB (the pool path): a fallback does not wait in the pool again; it takes the best remaining model (by
+the same rule) that has a free slot at that moment, and fails with the BackendError when none has one.
 """
 
 from __future__ import annotations
@@ -23,9 +42,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import random
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
@@ -34,7 +54,7 @@ from ray import serve
 from banditrouter.config import AppConfig
 from banditrouter.embeddings import text_key
 from banditrouter.schemas import DecisionEvent, FeedbackEvent, new_id
-from deployments.backends import CompletionRequest, CompletionResult
+from deployments.backends import BackendError, CompletionRequest, CompletionResult
 from deployments.conversation import text_ref
 from deployments.events import make_sink
 from deployments.scheduler import AdmissionQueue, PoolScheduler, QueueFull  # noqa: F401 (QueueFull: the ingress's 503)
@@ -44,6 +64,63 @@ logger = logging.getLogger("ray.serve")
 
 class ModelTimeout(RuntimeError):
     """The routed model did not answer within `router.model_timeout_s`; the ingress answers 504."""
+
+
+RETRY_BACKOFF_S = (0.05, 1.0)
+"""Backoff before retry n (0-based): min(cap, base * 2^n), times a uniform jitter in [0.5, 1.5)."""
+
+
+def _replica_gone_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a call raises when its replica died or cannot be reached (retried elsewhere)."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    return (RayActorError, ActorUnavailableError, ReplicaUnavailableError, DeploymentUnavailableError)
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The exception a Ray task raised, without Ray's wrapper."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, BaseException) else e
+
+
+class _NoReplica(BackendError):
+    """No live replica of the model within `router.replica_wait_s`: fall back without retrying it."""
+
+
+class _Failover(Exception):
+    """A model failed retryably and used up its retries: the router falls back."""
+
+    def __init__(self, error: BackendError):
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass
+class _Call:
+    """One request across its attempts: the embedding, the shared deadline, the models that failed."""
+
+    req: RouteRequest
+    x: np.ndarray
+    turn_context: np.ndarray | None
+    deadline: float
+    failed: list[str] = field(default_factory=list)
+    skipped: set[str] = field(default_factory=set)
+    """Fallback candidates whose queue was full: not failed, just not available to this request."""
+
+
+@dataclass
+class _Served:
+    """The attempt that answered: its decision and output (a CompletionResult; for a stream, the response
+    generator and its first item), and the slot it holds (closed by the caller)."""
+
+    call: _Call
+    model: str
+    d: RoutedDecision
+    decision_id: str
+    out: object
+    t0: float
+    slot: contextlib.AsyncExitStack
 
 
 @dataclass(frozen=True)
@@ -65,6 +142,8 @@ class RouteRequest:
     """Wall time the request reached the ingress (the user's send, for the retrial window)."""
     key_id: str | None = None
     """The public id of the API key that made the request (None: auth off); feedback must come from it."""
+    passthrough: dict | None = None
+    """OpenAI fields forwarded to upstreams that support them (n, tools, tool_choice, response_format)."""
 
 
 @dataclass(frozen=True)
@@ -216,8 +295,8 @@ class Router:
         d = self.policy.select(x[None, :], np.asarray([pref]), explore=self.cfg.policy.explore)
         return d[0]
 
-    def _routing(self, decision_id: str, model: str, d, cost: float | None) -> dict:
-        return {
+    def _routing(self, decision_id: str, model: str, d, cost: float | None, failed: list[str] | None = None) -> dict:
+        routing = {
             "decision_id": decision_id,
             "model": model,
             "propensity": d.propensity,
@@ -225,6 +304,9 @@ class Router:
             "policy_version": d.policy_version,
             "cost_usd": cost,
         }
+        if failed:
+            routing.update(fallback=True, failed_models=list(failed))
+        return routing
 
     def _emit(
         self,
@@ -236,6 +318,7 @@ class Router:
         result: CompletionResult | None,
         outcome: str = "ok",
         latency_s: float | None = None,
+        fallback: bool = False,
     ) -> None:
         """Record the decision (and, for a failed call, its outcome event). Never waits: the buffer gets it
         through the shipper, after the caller has its answer.
@@ -275,6 +358,7 @@ class Router:
             requested_at=req.arrived_at,
             answered_at=time.time(),  # _emit runs when the answer (or the failure) is out
             key_id=req.key_id,
+            fallback=fallback,
         )
         events = [ev]
         if failed:
@@ -313,6 +397,7 @@ class Router:
             max_tokens=req.max_tokens,
             temperature=req.temperature,
             context=x.tolist(),
+            **({"passthrough": dict(req.passthrough)} if req.passthrough else {}),
         )
 
     def _timeout(self, model: str) -> ModelTimeout:
@@ -375,49 +460,198 @@ class Router:
     def _with_queue(routing: dict, d) -> dict:
         return {**routing, "queue_wait_s": d.queue_wait_s, "queue_length": d.queue_length}
 
-    async def route(self, req: RouteRequest) -> dict:
-        async with self._admitted(req) as (x, d, model, decision_id):
-            t0 = time.perf_counter()
-            call = self.models[model].complete.remote(self._completion_request(req, x))
-            try:
-                result: CompletionResult = await asyncio.wait_for(call, timeout=self.cfg.router.model_timeout_s)
-            except asyncio.TimeoutError:
-                call.cancel()
-                self._emit(req, decision_id, model, d, x, None, "timeout", time.perf_counter() - t0)
-                raise self._timeout(model) from None
-            except Exception:  # BackendError, a dead model replica (RayActorError), anything: the arm failed
-                self._emit(req, decision_id, model, d, x, None, "error", time.perf_counter() - t0)
+    # -- calls, retries and fallback ------------------------------------------------------------------------
+    async def _call(self, model: str, creq: CompletionRequest, deadline: float, stream: bool):
+        """One call of `model` on one replica: its CompletionResult, or for a stream (response generator,
+        first item; None when it ended at once). Waits at most `router.replica_wait_s` for a live replica
+        (Serve's `choose_replica`; `_NoReplica` past it) and raises asyncio.TimeoutError at the deadline."""
+        handle = self.models[model]
+        method = handle.options(stream=True).stream if stream else handle.complete
+        choose = getattr(method, "choose_replica", None)  # a Serve handle; test fakes are called directly
+        if choose is None:
+            return await self._consume(method.remote(creq), deadline, stream)
+        remaining = deadline - time.monotonic()
+        wait = min(remaining, self.cfg.router.replica_wait_s)
+        chooser = choose(creq)
+        try:
+            selection = await asyncio.wait_for(chooser.__aenter__(), timeout=max(0.0, wait))
+        except asyncio.TimeoutError:
+            if wait >= remaining:
                 raise
-        self._emit(req, decision_id, model, d, x, result)
-        return {"result": result, "routing": self._with_queue(self._routing(decision_id, model, d, result.cost_usd), d)}
+            raise _NoReplica(f"model {model!r} has no live replica (waited {wait:g} s)", retryable=True) from None
+        try:
+            return await self._consume(method.dispatch(selection, creq), deadline, stream)
+        finally:  # the response has been awaited (or cancelled): release the reservation if dispatch did not use it
+            await chooser.__aexit__(None, None, None)
 
-    async def route_stream(self, req: RouteRequest):
-        """Yields the routing dict first (once the request holds a model slot, so a full queue is still a
-        503), then text chunks, then the final CompletionResult. The timeout bounds the whole stream; a
-        failure mid-stream is logged as the decision's outcome and re-raised (the status line has gone out by
-        then: the client sees the stream end early)."""
-        result = None
-        async with self._admitted(req) as (x, d, model, decision_id):
-            yield self._with_queue(self._routing(decision_id, model, d, None), d)
+    @staticmethod
+    async def _consume(response, deadline: float, stream: bool):
+        timeout = max(0.0, deadline - time.monotonic())
+        try:
+            if not stream:
+                return await asyncio.wait_for(response, timeout=timeout)
+            try:
+                first = await asyncio.wait_for(response.__anext__(), timeout=timeout)
+            except StopAsyncIteration:
+                first = None
+            return response, first
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise
+
+    def _classify(self, model: str, e: BaseException) -> BackendError:
+        """The BackendError a failed call stands for (retryable or not); its message names no internals."""
+        cause = _cause(e)
+        if isinstance(cause, BackendError):
+            return cause
+        if isinstance(e, _replica_gone_errors()) or isinstance(cause, _replica_gone_errors()):
+            return BackendError(f"model {model!r}: its replica died or was unreachable", retryable=True)
+        logger.warning("model %s failed with an unexpected %s: %s", model, type(cause).__name__, cause)
+        return BackendError(f"model {model!r} failed ({type(cause).__name__})")
+
+    async def _attempts(self, call: _Call, model: str, d: RoutedDecision, decision_id: str, stream: bool):
+        """Call `model`, retrying a retryable failure on another replica at most `router.max_retries` times
+        with jittered backoff. Every failed attempt is logged as its own decision (outcome error, or timeout).
+        Returns (decision_id, output, t0) of the attempt that answered; raises `_Failover` when the model used
+        up its retries (or has no live replica), BackendError when the failure is not retryable, ModelTimeout
+        at the deadline."""
+        req, x, fallback = call.req, call.x, bool(call.failed)
+        creq = self._completion_request(req, x)
+        retries = self.cfg.router.max_retries
+        for attempt in range(retries + 1):
+            if attempt:
+                decision_id, d = new_id(), dataclasses.replace(d, time=time.time())
             t0 = time.perf_counter()
-            deadline = time.monotonic() + self.cfg.router.model_timeout_s
-            gen = self.models[model].options(stream=True).stream.remote(self._completion_request(req, x))
+            try:
+                return decision_id, await self._call(model, creq, call.deadline, stream), t0
+            except asyncio.TimeoutError:
+                self._emit(req, decision_id, model, d, x, None, "timeout", time.perf_counter() - t0, fallback)
+                raise self._timeout(model) from None
+            except Exception as e:  # noqa: BLE001 (classified: every failure is a logged outcome)
+                err = self._classify(model, e)
+                self._emit(req, decision_id, model, d, x, None, "error", time.perf_counter() - t0, fallback)
+                if not err.retryable:
+                    raise err from None
+                if isinstance(err, _NoReplica) or attempt == retries:
+                    raise _Failover(err) from None
+                self.metrics.retry(model)
+                base, cap = RETRY_BACKOFF_S
+                delay = min(cap, base * 2**attempt) * random.uniform(0.5, 1.5)
+                await asyncio.sleep(max(0.0, min(delay, call.deadline - time.monotonic())))
+        raise AssertionError("unreachable")
+
+    async def _fallback(self, call: _Call, slot: contextlib.AsyncExitStack) -> tuple[str, RoutedDecision] | None:
+        """The next model for a request whose models in `call.failed` failed: drawn from the policy's
+        `fallback_probabilities` over the models neither failed nor full (the argmax, propensity 1, when the
+        policy is greedy), its slot entered into `slot`. None when no model is left."""
+        models = self.policy.models
+        while True:
+            allowed = np.array([m not in call.failed and m not in call.skipped for m in models])
+            if self.pool is not None:
+                allowed &= self.pool.free() > 0
+            if not allowed.any():
+                return None
+            explore = self.cfg.policy.explore
+            probs = self.policy.fallback_probabilities(
+                call.x[None, :], np.asarray([call.req.preference]), allowed, explore=explore
+            )[0]
+            arm = int(self.policy.rng.choice(len(models), p=probs / probs.sum())) if explore else int(np.argmax(probs))
+            model, t0 = models[arm], time.monotonic()
+            if self.pool is not None:  # a free slot now (checked above); released through the pool
+                self.pool.in_flight[arm] += 1
+                slot.callback(self.pool.release, arm)
+                length = self.pool.waiting
+            else:
+                queue, length = self.queues[model], self._fifo_waiting()
+                try:
+                    await asyncio.wait_for(queue.__aenter__(), timeout=max(0.0, call.deadline - time.monotonic()))
+                except QueueFull:
+                    call.skipped.add(model)
+                    continue
+                except asyncio.TimeoutError:
+                    raise self._timeout(model) from None
+                slot.push_async_exit(queue.__aexit__)
+            d = RoutedDecision(
+                arm,
+                float(probs[arm]),
+                self.policy.version,
+                time=time.time(),
+                turn_context=call.turn_context,
+                queue_wait_s=time.monotonic() - t0,
+                queue_length=length,
+            )
+            return model, d
+
+    async def _open(self, req: RouteRequest, stream: bool) -> _Served:
+        """Admission, then attempts (retries, fallbacks) until a model answers (for a stream: yields its first
+        item). The returned `slot` holds the serving model's slot; the caller closes it."""
+        slot = contextlib.AsyncExitStack()
+        try:
+            x, d, model, decision_id = await slot.enter_async_context(self._admitted(req))
+            call = _Call(req, x, d.turn_context, time.monotonic() + self.cfg.router.model_timeout_s)
             while True:
                 try:
-                    item = await asyncio.wait_for(gen.__anext__(), timeout=max(0.0, deadline - time.monotonic()))
+                    decision_id, out, t0 = await self._attempts(call, model, d, decision_id, stream)
+                    if call.failed:
+                        self.metrics.fallback(call.failed[-1], model)
+                    return _Served(call, model, d, decision_id, out, t0, slot)
+                except _Failover as f:
+                    error = f.error
+                call.failed.append(model)
+                await slot.aclose()  # the failed model's slot goes back before the fallback waits for one
+                slot = contextlib.AsyncExitStack()
+                nxt = await self._fallback(call, slot)
+                if nxt is None:
+                    raise BackendError(
+                        f"every model tried failed ({', '.join(call.failed)}): {error.message}",
+                        retryable=False,
+                        status=error.status,
+                    ) from None
+                (model, d), decision_id = nxt, new_id()
+        except BaseException:
+            await slot.aclose()
+            raise
+
+    async def route(self, req: RouteRequest) -> dict:
+        served = await self._open(req, stream=False)
+        async with served.slot:
+            call, result, d = served.call, served.out, served.d
+            self._emit(req, served.decision_id, served.model, d, call.x, result, fallback=bool(call.failed))
+            routing = self._routing(served.decision_id, served.model, d, result.cost_usd, call.failed)
+            return {"result": result, "routing": self._with_queue(routing, d)}
+
+    async def route_stream(self, req: RouteRequest):
+        """Yields the routing dict first, once the request holds a model slot AND the model's first item has
+        arrived (retries and fallback happen before it), so a full queue, an upstream that fails before its
+        first byte or a timeout raise here and are a status code at the ingress. Then text chunks, then the
+        final CompletionResult. The timeout bounds the whole stream; a failure mid-stream is logged as the
+        decision's outcome and raised as BackendError / ModelTimeout (the ingress ends the stream with an
+        error event)."""
+        served = await self._open(req, stream=True)
+        async with served.slot:
+            call, d, model, decision_id = served.call, served.d, served.model, served.decision_id
+            gen, first = served.out
+            fallback, result = bool(call.failed), None
+            yield self._with_queue(self._routing(decision_id, model, d, None, call.failed), d)
+            item = first
+            while item is not None:
+                if isinstance(item, CompletionResult):
+                    result = item
+                yield item
+                try:
+                    timeout = max(0.0, call.deadline - time.monotonic())
+                    item = await asyncio.wait_for(gen.__anext__(), timeout=timeout)
                 except StopAsyncIteration:
                     break
                 except asyncio.TimeoutError:
                     gen.cancel()
-                    self._emit(req, decision_id, model, d, x, None, "timeout", time.perf_counter() - t0)
+                    self._emit(req, decision_id, model, d, call.x, None, "timeout", time.perf_counter() - served.t0, fallback)
                     raise self._timeout(model) from None
-                except Exception:  # BackendError, a dead model replica, anything: the arm failed
-                    self._emit(req, decision_id, model, d, x, None, "error", time.perf_counter() - t0)
-                    raise
-                if isinstance(item, CompletionResult):
-                    result = item
-                yield item
-        self._emit(req, decision_id, model, d, x, result)
+                except Exception as e:  # noqa: BLE001 (mid-stream: bytes are out, no retry; logged, then raised)
+                    err = self._classify(model, e)
+                    self._emit(req, decision_id, model, d, call.x, None, "error", time.perf_counter() - served.t0, fallback)
+                    raise BackendError(f"model {model!r} failed mid-stream: {err.message}", retryable=False) from None
+            self._emit(req, decision_id, model, d, call.x, result, fallback=fallback)
 
     async def check_health(self) -> None:
         """Serve calls this every few seconds from the replica's loop: it also starts the weight sync and

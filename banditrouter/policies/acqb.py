@@ -314,6 +314,25 @@ class ACQB(Policy):
     # ====================================================================================================
     # ALGO LOGIC: decisions
     # ====================================================================================================
+    def values(self, contexts, preferences, *, explore=False) -> np.ndarray:
+        """w_q mu(z^T theta^_k) - w_c c~_k(z): the score of each model at the posterior mean."""
+        x, p = self._check_inputs(contexts, preferences)
+        z = self.features(x)
+        return self._scores(z @ self.theta.T, self.expected_cost(z), p)
+
+    def arm_probabilities(self, contexts, preferences, *, explore=False) -> np.ndarray:
+        """While learning, eps_t / K + (1 - eps_t) P_TS(k) for every model k, all models free (what `select`
+        logs as the propensity of the model it draws; draws nothing, counts no step)."""
+        if not explore:
+            return super().arm_probabilities(contexts, preferences)
+        x, p = self._check_inputs(contexts, preferences)
+        z = self.features(x)
+        n, k = len(z), self.n_arms
+        cost, eps, feasible = self.expected_cost(z), self.epsilon(self.t + np.arange(n)), np.ones((n, k), bool)
+        return np.column_stack(
+            [self._propensity(eps, k, self.ts_probability(z, p, cost, feasible, np.full(n, a))) for a in range(k)]
+        )
+
     def select(self, contexts, preferences, *, explore=False) -> Decisions:
         """One job per row, decided independently with every model free (the one-job case of `schedule`)."""
         x, p = self._check_inputs(contexts, preferences)

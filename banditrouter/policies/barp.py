@@ -102,6 +102,15 @@ class BaRP(Policy):
         with torch.no_grad():
             return torch.softmax(net(torch.from_numpy(x), torch.from_numpy(p).float()), dim=-1).numpy()
 
+    def values(self, contexts, preferences, *, explore=False) -> np.ndarray:
+        """pi(. | x, w): of the averaged parameters for the greedy choice, of the live ones while exploring."""
+        return self.probabilities(contexts, preferences, averaged=not explore)
+
+    def arm_probabilities(self, contexts, preferences, *, explore=False) -> np.ndarray:
+        if not explore:
+            return super().arm_probabilities(contexts, preferences)
+        return self.probabilities(contexts, preferences).astype(np.float64)
+
     def select(self, contexts, preferences, *, explore=False) -> Decisions:
         if not explore:
             return deterministic(self.probabilities(contexts, preferences, averaged=True).argmax(axis=1), self.version)

@@ -202,6 +202,44 @@ class Policy(ABC):
     def update(self, batch: BanditBatch) -> dict[str, float]:
         """Learn from bandit samples; bumps `version`; returns training metrics."""
 
+    # -- value estimates (the router's fallback; issue 12's "value estimate") ------------------------------
+    @abstractmethod
+    def values(self, contexts: np.ndarray, preferences: np.ndarray, *, explore: bool = False) -> np.ndarray:
+        """(n, K) the policy's value of each arm per row: what `select` maximises (explore=False: its greedy
+        choice is the argmax, first index on ties; explore=True for an optimistic policy: with the bonus).
+        Higher is better; the scale is the policy's own (BaRP: pi, the linear models: predicted reward)."""
+
+    def arm_probabilities(self, contexts: np.ndarray, preferences: np.ndarray, *, explore: bool = False) -> np.ndarray:
+        """(n, K) the probability `select` gives each arm per row (rows sum to 1). Default: deterministic, all
+        mass on the argmax of `values`; stochastic policies override it with their sampling distribution. It
+        draws nothing and changes no state."""
+        v = self.values(contexts, preferences, explore=explore)
+        return np.eye(self.n_arms)[np.asarray(v).argmax(axis=1)]
+
+    def fallback_probabilities(
+        self, contexts: np.ndarray, preferences: np.ndarray, allowed: np.ndarray, *, explore: bool = False
+    ) -> np.ndarray:
+        """(n, K) the distribution a fallback draws from when only the `allowed` arms ((K,) or (n, K) bool)
+        may serve: the policy's `arm_probabilities` renormalised over them; where they hold no mass (a
+        deterministic policy whose choice failed, or explore=False) all mass goes to the best allowed arm by
+        `values` (propensity 1). Rows with no allowed arm are all zero. The entry of the arm served is its
+        true propensity given that the other arms were unavailable."""
+        allowed = np.broadcast_to(np.asarray(allowed, dtype=bool), (len(np.atleast_2d(contexts)), self.n_arms))
+        out = np.zeros(allowed.shape)
+        p = self.arm_probabilities(contexts, preferences, explore=explore) if explore else np.zeros(allowed.shape)
+        p = np.where(allowed, p, 0.0)
+        mass = p.sum(axis=1)
+        v = np.where(allowed, self.values(contexts, preferences, explore=explore), -np.inf)
+        for i in range(len(out)):
+            if not allowed[i].any():
+                continue
+            if mass[i] > 1e-12:
+                out[i] = p[i] / mass[i]
+            else:
+                ok = np.flatnonzero(allowed[i])
+                out[i, ok[int(np.argmax(v[i, ok]))]] = 1.0
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "policy": self.name,

@@ -21,6 +21,14 @@ class EpsilonGreedy(DisjointLinear):
     name = "epsilon_greedy"
     config_cls = EpsilonGreedyConfig
 
+    def arm_probabilities(self, contexts, preferences, *, explore=False):
+        """While learning: 1 - eps + eps / K on the greedy arm, eps / K on each other."""
+        greedy = super().arm_probabilities(contexts, preferences)
+        if not explore:
+            return greedy
+        eps = self.config.epsilon
+        return (1.0 - eps) * greedy + eps / self.n_arms
+
     def select(self, contexts, preferences, *, explore=False):
         phi = self.features(contexts, preferences)
         greedy = self.predict(phi).argmax(axis=1)

@@ -45,6 +45,10 @@ class DisjointLinear(Policy):
         """(n, K) predicted reward."""
         return phi @ self.theta.T
 
+    def values(self, contexts, preferences, *, explore=False) -> np.ndarray:
+        """The predicted reward phi^T theta_a of each arm."""
+        return self.predict(self.features(contexts, preferences))
+
     def widths(self, phi: np.ndarray) -> np.ndarray:
         """(n, K) sqrt(phi^T A_a^-1 phi): the posterior width of each arm's prediction."""
         quad = np.einsum("nd,kde,ne->nk", phi, self.A_inv, phi, optimize=True)

@@ -66,6 +66,15 @@ class LinTS(DisjointLinear):
     name = "lints"
     config_cls = LinTSConfig
 
+    def arm_probabilities(self, contexts, preferences, *, explore=False):
+        """While learning, P(arm k wins the draw) for every k (the same exact integral as the propensity)."""
+        if not explore:
+            return super().arm_probabilities(contexts, preferences)
+        phi = self.features(contexts, preferences)
+        mean, sd = self.predict(phi), self.config.v * self.widths(phi)
+        n, k = mean.shape
+        return np.column_stack([argmax_probability(mean, sd, np.full(n, a), self.config.propensity_nodes) for a in range(k)])
+
     def select(self, contexts, preferences, *, explore=False):
         phi = self.features(contexts, preferences)
         mean = self.predict(phi)

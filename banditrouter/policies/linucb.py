@@ -18,6 +18,12 @@ class LinUCB(DisjointLinear):
     name = "linucb"
     config_cls = LinUCBConfig
 
+    def values(self, contexts, preferences, *, explore=False):
+        """phi^T theta_a, plus the optimism bonus alpha * width while learning (what `select` maximises)."""
+        phi = self.features(contexts, preferences)
+        value = self.predict(phi)
+        return value + self.config.alpha * self.widths(phi) if explore else value
+
     def select(self, contexts, preferences, *, explore=False):
         phi = self.features(contexts, preferences)
         value = self.predict(phi)

@@ -32,6 +32,13 @@ class _ArmMeans(Policy):
         self.version += 1
         return {"n": float(len(batch))}
 
+    def arm_probabilities(self, contexts, preferences, *, explore=False):
+        """Uniform while exploring or before any outcome (as `select`), else all mass on the best by `values`."""
+        x, _ = self._check_inputs(contexts, preferences)
+        if explore or not self.counts.any():
+            return np.full((len(x), self.n_arms), 1.0 / self.n_arms)
+        return super().arm_probabilities(contexts, preferences)
+
     def _means(self) -> tuple[np.ndarray, np.ndarray]:
         seen = self.counts > 0
         q = np.where(seen, self.score_sums / np.maximum(self.counts, 1), np.nan)
@@ -52,6 +59,15 @@ class RandomPolicy(_ArmMeans):
 
     name = "random"
 
+    def values(self, contexts, preferences, *, explore=False):
+        """Every arm alike (the choice is uniform)."""
+        x, _ = self._check_inputs(contexts, preferences)
+        return np.zeros((len(x), self.n_arms))
+
+    def arm_probabilities(self, contexts, preferences, *, explore=False):
+        x, _ = self._check_inputs(contexts, preferences)
+        return np.full((len(x), self.n_arms), 1.0 / self.n_arms)
+
     def select(self, contexts, preferences, *, explore=False):
         x, _ = self._check_inputs(contexts, preferences)
         return self._uniform(len(x))
@@ -61,6 +77,12 @@ class CheapestPolicy(_ArmMeans):
     """Always the arm with the lowest observed mean cost."""
 
     name = "cheapest"
+
+    def values(self, contexts, preferences, *, explore=False):
+        """Minus the observed mean cost (-inf for an arm never observed)."""
+        x, _ = self._check_inputs(contexts, preferences)
+        _, c = self._means()
+        return np.repeat(np.where(np.isnan(c), -np.inf, -c)[None, :], len(x), axis=0)
 
     def select(self, contexts, preferences, *, explore=False):
         x, _ = self._check_inputs(contexts, preferences)
@@ -79,7 +101,11 @@ class BestSinglePolicy(_ArmMeans):
         x, p = self._check_inputs(contexts, preferences)
         if explore or not self.counts.any():
             return self._uniform(len(x))
+        return deterministic(self.values(x, p).argmax(axis=1), self.version)
+
+    def values(self, contexts, preferences, *, explore=False):
+        """The mean reward w_q q_a - w_c min(c_a / tau, 1) of each arm's observed outcomes (-inf: never observed)."""
+        _, p = self._check_inputs(contexts, preferences)
         q, c = self._means()
         value = p[:, :1] * q[None, :] - p[:, 1:] * normalised_cost(c, self.tau)[None, :]
-        value = np.where(np.isnan(value), -np.inf, value)
-        return deterministic(value.argmax(axis=1), self.version)
+        return np.where(np.isnan(value), -np.inf, value)

@@ -71,11 +71,14 @@ class SupervisedRouter(Policy):
             s, c = self.net(x)
         return torch.sigmoid(s).numpy().astype(np.float64), torch.exp(c).numpy().astype(np.float64)
 
-    def select(self, contexts, preferences, *, explore=False):
+    def values(self, contexts, preferences, *, explore=False):
+        """w_q q^_a - w_c min(c^_a / tau, 1): the predicted reward of each arm."""
         x, p = self._check_inputs(contexts, preferences)
         q, c = self.predict(x)
-        value = p[:, :1] * q - p[:, 1:] * normalised_cost(c, self.tau)
-        return deterministic(value.argmax(axis=1), self.version)
+        return p[:, :1] * q - p[:, 1:] * normalised_cost(c, self.tau)
+
+    def select(self, contexts, preferences, *, explore=False):
+        return deterministic(self.values(contexts, preferences).argmax(axis=1), self.version)
 
     def update(self, batch: BanditBatch) -> dict[str, float]:
         """One gradient step on (context, arm) -> (score, cost) samples; full information means the batch

@@ -25,6 +25,10 @@ class CompletionRequest:
     temperature: float | None = None
     context: list[float] | None = None
     """The prompt's embedding, when the router already computed it."""
+    passthrough: dict[str, Any] | None = None
+    """OpenAI request fields forwarded as sent to an upstream that supports them (`n`, `tools`, `tool_choice`,
+    `response_format`; deployments/gateway/parsing.py). The ingress refuses them (400) for a backend that
+    cannot honour them, so a backend that receives any can forward them."""
 
     def sampling(self) -> dict[str, Any]:
         """The OpenAI sampling fields the caller set (max_tokens, temperature), for an upstream request."""
@@ -56,7 +60,27 @@ def priced_result(text: str, n_in: int, n_out: int, prices: tuple[float, float],
 
 
 class BackendError(RuntimeError):
-    """The backend could not answer (upstream down, no logged answer); the ingress returns 502."""
+    """The backend could not answer (upstream down, no logged answer); the ingress returns 502 (400 when
+    `client_error`).
+
+    retryable     the same call may succeed on another try (upstream 5xx, connection error, a dead replica):
+                  the router retries it on another replica, then falls back to another model. False (4xx,
+                  no logged answer, a misconfiguration): never retried, no fallback.
+    status        the upstream's HTTP status, when it answered one.
+    client_error  the upstream refused the caller's own request (400 / 413 / 422: e.g. a response_format it
+                  cannot honour): the ingress answers 400 with the message rather than 502.
+    The message never carries upstream URLs or tracebacks (it reaches the client)."""
+
+    def __init__(self, message: str, *, retryable: bool = False, status: int | None = None, client_error: bool = False):
+        super().__init__(message)
+        self.message, self.retryable, self.status, self.client_error = message, retryable, status, client_error
+
+    def __reduce__(self):  # crosses Ray's process boundary with its flags
+        return (_backend_error, (type(self), self.message, self.retryable, self.status, self.client_error))
+
+
+def _backend_error(cls, message, retryable, status, client_error):
+    return cls(message, retryable=retryable, status=status, client_error=client_error)
 
 
 class ModelBackend(Protocol):

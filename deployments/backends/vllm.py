@@ -62,6 +62,8 @@ class VLLMBackend:
         kw: dict[str, Any] = {"model": self.name, "messages": request.messages, "stream": stream}
         if stream:
             kw["stream_options"] = {"include_usage": True}
+        # n, tools, tool_choice, response_format: vLLM's OpenAI server takes them as sent
+        kw.update(getattr(request, "passthrough", None) or {})
         return ChatCompletionRequest(**kw, **request.sampling())
 
     def _check(self, item) -> None:

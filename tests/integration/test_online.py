@@ -489,7 +489,7 @@ def test_cold_start_reset_pushes_an_untrained_policy(online, prompts):
     v0, trained = ray.get(learner.wait_for_weights.remote(-1))
     trained = ray.get(trained)  # each version is published once, as an object reference
     assert np.abs(trained["params"]["b"]).sum() > 0  # earlier tests' feedback trained it
-    r = requests.post(f"{BASE}/v1/learner/reset", timeout=60)
+    r = requests.post(f"{BASE}/v1/learner/reset", json={}, timeout=60)
     assert r.status_code == 200 and r.json()["version"] > v0
     v1, fresh = ray.get(learner.wait_for_weights.remote(-1))
     fresh = ray.get(fresh)

@@ -1,5 +1,6 @@
 """The OpenAI-compatible upstream backend against a local fake upstream (aiohttp on 127.0.0.1): token-priced
-costs, streaming, sampling fields passed through, retries on 5xx only."""
+costs, streaming, sampling and passthrough fields forwarded, retries on 5xx only, retryable / client errors
+marked, usage estimated (and flagged) when the upstream omits it."""
 
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def test_complete_prices_tokens_and_passes_sampling_fields():
 
     r = asyncio.run(main())
     assert r.text == "four" and (r.input_tokens, r.output_tokens) == (10, 2)
-    assert r.cost_usd == pytest.approx((10 * 1.0 + 2 * 3.0) / 1e6) and r.info == {"backend": "openai"}
+    assert r.cost_usd == pytest.approx((10 * 1.0 + 2 * 3.0) / 1e6)
+    assert r.info == {"backend": "openai", "finish_reason": "stop"}  # usage reported: not estimated
     assert seen[0]["max_tokens"] == 5 and "temperature" not in seen[0]
 
 
@@ -116,3 +118,127 @@ def test_retries_only_on_5xx(status, calls):
     if status == 500:
         with pytest.raises(BackendError, match="failed its last call"):
             backend.check_health()
+
+
+@pytest.mark.parametrize(
+    "status, calls, retryable, client_error",
+    [(500, 3, True, False), (503, 3, True, False), (400, 1, False, True), (401, 1, False, False), (429, 1, False, False)],
+)
+def test_backend_error_says_whether_it_is_retryable_and_names_no_url(status, calls, retryable, client_error):
+    """5xx: retried (jittered), then a retryable BackendError (the router retries elsewhere, then falls back);
+    4xx (429 included): one call, not retryable; 400/413/422 are the client's own request. The message
+    reaches clients, so it names the model, never the upstream URL."""
+    from aiohttp import web
+
+    n = []
+
+    async def handler(request):
+        n.append(1)
+        return web.json_response({"error": {"message": "nope"}}, status=status)
+
+    async def main():
+        runner, url = await _serve(handler)
+        try:
+            with pytest.raises(BackendError) as e:
+                await _backend(url, retries=2).complete(REQ)
+            return e.value, url
+        finally:
+            await runner.cleanup()
+
+    err, url = asyncio.run(main())
+    assert len(n) == calls
+    assert (err.retryable, err.client_error, err.status) == (retryable, client_error, status)
+    assert "127.0.0.1" not in str(err) and url not in str(err) and "'m'" in str(err)
+
+
+def test_an_unreachable_upstream_is_a_retryable_error_without_its_url():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(BackendError) as e:
+        asyncio.run(_backend(f"http://127.0.0.1:{port}/v1", retries=1).complete(REQ))
+    assert e.value.retryable and str(port) not in str(e.value)
+
+
+def _no_usage(body: dict) -> dict:
+    return {k: v for k, v in body.items() if k != "usage"}
+
+
+def test_missing_usage_is_estimated_and_flagged_never_free():
+    from aiohttp import web
+
+    async def handler(request):
+        return web.json_response(_no_usage(COMPLETION))
+
+    async def main():
+        runner, url = await _serve(handler)
+        try:
+            return await _backend(url).complete(REQ)
+        finally:
+            await runner.cleanup()
+
+    r = asyncio.run(main())
+    assert r.info["usage_estimated"] is True
+    assert (r.input_tokens, r.output_tokens) == (1, 1)  # "2+2?" and "four": 4 characters each
+    assert r.cost_usd == pytest.approx((1 * 1.0 + 1 * 3.0) / 1e6) and r.cost_usd > 0
+
+
+def test_a_stream_without_usage_is_estimated_and_flagged():
+    from aiohttp import web
+
+    async def handler(request):
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                 "choices": [{"index": 0, "delta": {"content": "four four"}, "finish_reason": "stop"}]}  # fmt: skip
+        await resp.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+        return resp
+
+    async def main():
+        runner, url = await _serve(handler)
+        try:
+            return [item async for item in _backend(url).stream(REQ)]
+        finally:
+            await runner.cleanup()
+
+    items = asyncio.run(main())
+    final = items[-1]
+    assert items[0] == "four four" and final.info["usage_estimated"] is True
+    assert final.output_tokens == 2 and final.cost_usd > 0
+
+
+def test_passthrough_fields_reach_the_upstream_and_tool_calls_come_back():
+    from aiohttp import web
+
+    from deployments.backends import CompletionRequest
+
+    seen = []
+    tool_call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}
+
+    async def handler(request):
+        seen.append(await request.json())
+        choice = {"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [tool_call]},
+                  "finish_reason": "tool_calls"}  # fmt: skip
+        return web.json_response({**COMPLETION, "choices": [choice, {**COMPLETION["choices"][0], "index": 1}]})
+
+    passthrough = {
+        "n": 2,
+        "tools": [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}],
+        "tool_choice": "auto",
+        "response_format": {"type": "json_object"},
+    }
+    req = CompletionRequest(request_id="r", messages=REQ.messages, prompt="2+2?", passthrough=passthrough)
+
+    async def main():
+        runner, url = await _serve(handler)
+        try:
+            return await _backend(url).complete(req)
+        finally:
+            await runner.cleanup()
+
+    r = asyncio.run(main())
+    assert {k: seen[0][k] for k in passthrough} == passthrough
+    assert r.info["tool_calls"][0]["function"]["name"] == "add" and r.info["finish_reason"] == "tool_calls"
+    assert len(r.info["choices"]) == 2 and r.text == ""
