@@ -2,7 +2,7 @@
 
 banditrouter_decisions_total{model}        routed decisions per model
 banditrouter_cost_usd_total{model}         spend per model
-banditrouter_policy_version                 version a router replica serves
+banditrouter_policy_version{replica}        version a router replica serves
 banditrouter_weights_rejected_total         weight blobs a router refused
 banditrouter_model_failures_total{model,outcome}  routed calls that failed: outcome error | timeout
 banditrouter_decision_spill_events          decisions a router replica holds in its spill file (buffer slow or down)
@@ -17,6 +17,7 @@ banditrouter_learned_samples_total          bandit samples applied
 banditrouter_learner_lag_events             events in the log the learner has not consumed
 banditrouter_buffer_depth_events            events in the durable log
 banditrouter_learner_version                version the learner last published
+banditrouter_install_staleness_s{replica}   histogram: seconds from the outcome that caused a version to its install on a replica
 banditrouter_http_responses_total{route,code}  answers the gateway gave, by route and status code
 banditrouter_key_spend_usd_total{key}        spend settled per API key (USD)
 banditrouter_key_refused_total{key,code}     requests refused per API key: rate_limited | budget_exceeded
@@ -26,21 +27,73 @@ banditrouter_retries_total{model}            model calls retried (another replic
 
 from __future__ import annotations
 
+import threading
+import time
+import weakref
+
 from ray.util.metrics import Counter, Gauge, Histogram
 
 QUEUE_WAIT_BOUNDARIES_S = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
+STALENESS_BOUNDARIES_S = [0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0]
+GAUGE_REFRESH_S = 5.0  # well inside Ray's gauge TTL (2 report intervals: 20 s by default)
+
+
+class LastValueGauge(Gauge):
+    """A gauge that keeps exporting its last value per tag set until it is set again.
+
+    Ray 2.60's metrics agent drops a gauge series about two report intervals (20 s by default) after its last
+    `set` (measured: a gauge set once is gone from the agent's /metrics 25-30 s later; counters stay). A value
+    set only when it changes (the policy version a router replica serves, an empty queue, the last reward)
+    would then vanish from Prometheus while still true. One daemon thread per process (started at the first
+    `set`) re-sets every such gauge's last values every GAUGE_REFRESH_S."""
+
+    _live: weakref.WeakSet = weakref.WeakSet()
+    _lock = threading.Lock()
+    _thread: threading.Thread | None = None
+
+    def __init__(self, name: str, description: str = "", tag_keys: tuple[str, ...] | None = None):
+        super().__init__(name, description, tag_keys)
+        self._last: dict[frozenset, float] = {}
+
+    def set(self, value: float | None, tags: dict[str, str] | None = None) -> None:
+        super().set(value, tags)
+        if value is None:
+            return
+        self._last[frozenset(self._get_final_tags(tags).items())] = value
+        cls = LastValueGauge
+        with cls._lock:
+            cls._live.add(self)
+            if cls._thread is None:
+                cls._thread = threading.Thread(target=cls._refresh_forever, name="gauge-refresh", daemon=True)
+                cls._thread.start()
+
+    def refresh(self) -> None:
+        """Export every tag set's last value again."""
+        for tags, value in list(self._last.items()):
+            super().set(value, dict(tags))
+
+    @classmethod
+    def _refresh_forever(cls) -> None:
+        while True:
+            time.sleep(GAUGE_REFRESH_S)
+            with cls._lock:
+                gauges = list(cls._live)
+            for g in gauges:
+                g.refresh()
 
 
 class RouterMetrics:
     def __init__(self, replica: str = "local"):
         self.decisions = Counter("banditrouter_decisions_total", "Routed decisions per model.", tag_keys=("model",))
         self.cost = Counter("banditrouter_cost_usd_total", "Spend per model (USD).", tag_keys=("model",))
-        self.version = Gauge("banditrouter_policy_version", "Policy version this router replica serves.")
+        self.version = LastValueGauge(
+            "banditrouter_policy_version", "Policy version this router replica serves.", tag_keys=("replica",)
+        )
         self.rejected_weights = Counter("banditrouter_weights_rejected_total", "Weight blobs a router refused.")
         self.failures = Counter(
             "banditrouter_model_failures_total", "Routed model calls that failed.", tag_keys=("model", "outcome")
         )
-        self.spill_depth = Gauge("banditrouter_decision_spill_events", "Decisions in this router replica's spill file.")
+        self.spill_depth = LastValueGauge("banditrouter_decision_spill_events", "Decisions in this router replica's spill file.")
         self.spilled = Counter("banditrouter_decisions_spilled_total", "Decisions this router replica had to spill.")
         self._spilled_seen = 0
         self.fallbacks = Counter(
@@ -50,7 +103,7 @@ class RouterMetrics:
             "banditrouter_retries_total", "Model calls retried after a retryable failure.", tag_keys=("model",)
         )
         tags = {"replica": replica}
-        self.queue_length = Gauge(
+        self.queue_length = LastValueGauge(
             "banditrouter_queue_length", "Requests waiting in this router replica for a model slot.", tag_keys=("replica",)
         )
         self.queue_wait = Histogram(
@@ -62,7 +115,7 @@ class RouterMetrics:
         self.queue_full = Counter(
             "banditrouter_queue_full_total", "Requests refused because the pool or queue was full.", tag_keys=("replica",)
         )
-        for m in (self.queue_length, self.queue_wait, self.queue_full):
+        for m in (self.version, self.queue_length, self.queue_wait, self.queue_full):
             m.set_default_tags(tags)
         self.queue_length.set(0.0)
 
@@ -112,9 +165,23 @@ class GatewayMetrics:
 class LearnerMetrics:
     def __init__(self):
         self.feedback = Counter("banditrouter_feedback_total", "Outcomes consumed by the learner.", tag_keys=("kind",))
-        self.refused = Gauge("banditrouter_feedback_refused_total", "Feedback refused at the buffer.", tag_keys=("reason",))
-        self.reward = Gauge("banditrouter_reward", "Mean reward of the samples in the learner's last update.")
+        self.refused = LastValueGauge(
+            "banditrouter_feedback_refused_total", "Feedback refused at the buffer.", tag_keys=("reason",)
+        )
+        self.reward = LastValueGauge("banditrouter_reward", "Mean reward of the samples in the learner's last update.")
         self.samples = Counter("banditrouter_learned_samples_total", "Bandit samples the learner has applied.")
-        self.lag = Gauge("banditrouter_learner_lag_events", "Events in the log the learner has not consumed.")
-        self.depth = Gauge("banditrouter_buffer_depth_events", "Events in the durable log.")
-        self.version = Gauge("banditrouter_learner_version", "Version the learner last published.")
+        self.lag = LastValueGauge("banditrouter_learner_lag_events", "Events in the log the learner has not consumed.")
+        self.depth = LastValueGauge("banditrouter_buffer_depth_events", "Events in the durable log.")
+        self.version = LastValueGauge("banditrouter_learner_version", "Version the learner last published.")
+        self.staleness = Histogram(
+            "banditrouter_install_staleness_s",
+            "Seconds from the outcome that caused a policy version to a router replica installing it.",
+            boundaries=STALENESS_BOUNDARIES_S,
+            tag_keys=("replica",),
+        )
+
+    def install(self, replica: str, staleness_s: float | None) -> None:
+        """A router replica installed a version; `staleness_s` is None when no recorded outcome caused it
+        (the version the learner started with, a reset)."""
+        if staleness_s is not None:
+            self.staleness.observe(max(0.0, float(staleness_s)), tags={"replica": replica})
