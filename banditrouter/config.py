@@ -43,6 +43,14 @@ class ServerConfig(_Strict):
     port: int = Field(8000, ge=1, le=65535, description="Port of the OpenAI-compatible endpoint.")
     access_log: bool = Field(False, description="Serve's per-request access log lines in every replica (costly on small hosts).")
     log_level: str = Field("INFO", description="Log level of the app's replicas.")
+    rolling_surge_percent: int = Field(
+        100,
+        ge=0,
+        le=100,
+        description="Serve's max_surge_percent for every deployment: on a redeploy (`serve deploy` of a changed config) new"
+        " replicas start while the old ones keep serving (100: all at once; 0: Serve's default, which stops an old replica"
+        " before its replacement is up and drops or stalls requests in between).",
+    )
 
 
 class PolicyConfig(_Strict):

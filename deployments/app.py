@@ -26,6 +26,7 @@ def _options(
         "ray_actor_options": dict(actor_options),
         "max_ongoing_requests": max_ongoing,
         "logging_config": {"enable_access_log": cfg.server.access_log, "log_level": cfg.server.log_level},
+        "max_surge_percent": cfg.server.rolling_surge_percent,  # old replicas serve until the new ones are up
     }
     if max_queued is not None and max_queued != -1:
         opts["max_queued_requests"] = max_queued

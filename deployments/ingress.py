@@ -34,7 +34,7 @@ import ray
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 
 from banditrouter.config import AppConfig
 from banditrouter.schemas import new_id
@@ -81,7 +81,8 @@ def _failure(e: BaseException, model: str, max_cost: float, cfg: AppConfig) -> t
     cause = _cause(e)
     if isinstance(e, QueueFull):  # the router's pool (ACQB) or the chosen model's queue is full
         retry = getattr(cause, "retry_after_s", None) or 1.0
-        return ApiError(503, "the router's queue is full; retry later", "overloaded", "queue_full", retry_after_s=retry), 0.0
+        message = _one_line(str(cause)) or "the router's queue is full; retry later"  # our own text: which queue, how full
+        return ApiError(503, message, "overloaded", "queue_full", retry_after_s=retry), 0.0
     if isinstance(e, BackPressureError):  # Serve's max_queued_requests
         retry = getattr(cfg.router, "backpressure_retry_after_s", 1.0)
         return ApiError(503, "the gateway is overloaded; retry later", "overloaded", "overloaded", retry_after_s=retry), 0.0
@@ -91,10 +92,15 @@ def _failure(e: BaseException, model: str, max_cost: float, cfg: AppConfig) -> t
     if isinstance(e, ModelTimeout):  # our own exception: its message names the model and the limit
         message = _one_line(str(cause)) or _timeout_message(failed, cfg)
         return ApiError(504, message, "timeout_error", "model_timeout"), max_cost
+    if isinstance(e, BackendError) and getattr(cause, "status", None) == 504:  # the upstream's own timeout
+        return ApiError(504, _one_line(str(cause)), "timeout_error", "model_timeout"), max_cost
     if isinstance(e, BackendError):
         if getattr(cause, "client_error", False):  # the upstream refused the request itself (its message is URL-free)
             return ApiError(400, _one_line(getattr(cause, "message", str(cause))), code="upstream_refused"), 0.0
         return ApiError(502, f"model {failed!r} failed to answer; retry later or call another model", "upstream_error"), 0.0
+    if isinstance(e, RayServeException) and not isinstance(e, BackendError | ModelTimeout):
+        # the router replica is unavailable (restarting, a rolling update): nothing was dispatched
+        return ApiError(503, "the router is not available right now; retry", "overloaded", "unavailable", retry_after_s=1.0), 0.0
     if isinstance(e, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
         return ApiError(502, f"model {failed!r} became unavailable; retry", "upstream_error", "replica_unavailable"), max_cost
     raise e
@@ -183,9 +189,10 @@ class Ingress:
         from deployments.gateway.cost import input_token_bound
 
         n = (passthrough or {}).get("n", 1)
-        max_cost = n * self.costs.max_cost(body.model, input_token_bound(messages), max_tokens)
+        in_tokens = input_token_bound(messages, passthrough)  # tools / response_format are billed as input too
+        max_cost = n * self.costs.max_cost(body.model, in_tokens, max_tokens)
+        user = body.user or self._header_user(request)  # (before admission: a refusal here reserves nothing)
         ticket = await self.gate.admit(principal, max_cost)
-        user = body.user or request.headers.get("x-user-id")
         spent, handed_over = max_cost, False
         try:
             if body.model == "router":
@@ -201,6 +208,7 @@ class Ingress:
                     history_refs=conv.history_refs,
                     arrived_at=time.time(),
                     key_id=principal.key_id,
+                    timeout_cost_usd={m: n * self.costs.max_cost(m, in_tokens, max_tokens) for m in self.models},
                     **({"passthrough": passthrough} if passthrough else {}),
                 )
                 if body.stream:
@@ -234,7 +242,9 @@ class Ingress:
             DeploymentUnavailableError,
             ModelTimeout,
             BackendError,
+            RayServeException,
             ray.exceptions.RayActorError,
+            ray.exceptions.ActorUnavailableError,
         ) as e:
             err, spent = _failure(e, body.model, max_cost, self.cfg)
             log.warning("request %s: %s answered %d: %r", rid, body.model, err.status, _cause(e))
@@ -352,6 +362,13 @@ class Ingress:
         return StreamingResponse(events, media_type="text/event-stream")
 
     # -- the rest -----------------------------------------------------------------------------------------
+    def _header_user(self, request: Request) -> str | None:
+        """The `x-user-id` header, under the same length limit as the body's `user` (422 beyond it)."""
+        user = request.headers.get("x-user-id")
+        if user is not None and len(user) > self.limits.max_user_chars:
+            raise ApiError(422, f"x-user-id: at most {self.limits.max_user_chars} characters")
+        return user
+
     @app.get("/v1/models")
     async def list_models(self, principal: Principal = Depends(require_route)):
         now = int(time.time())
@@ -391,7 +408,7 @@ class Ingress:
         rid = request_id(request)
         self._learning()
         fb = parsing.parse_feedback(parsing.loads_object(await request.body(), self.limits))
-        user = fb.user or request.headers.get("x-user-id")
+        user = fb.user or self._header_user(request)
         # the event id is fixed here, so a call Ray retries (buffer restarting) cannot record it twice
         out = await self.buffer.add_feedback.remote(fb.decision_id, fb.score, new_id(), key_id=principal.key_id, user=user)
         code = out.pop("code")

@@ -144,6 +144,9 @@ class RouteRequest:
     """The public id of the API key that made the request (None: auth off); feedback must come from it."""
     passthrough: dict | None = None
     """OpenAI fields forwarded to upstreams that support them (n, tools, tool_choice, response_format)."""
+    timeout_cost_usd: dict[str, float] | None = None
+    """Per model, what a call that times out is taken to have cost (the ingress's bound on the request's cost
+    there: the upstream may have billed all of it). Logged as the timed-out decision's cost; 0 when absent."""
 
 
 @dataclass(frozen=True)
@@ -343,7 +346,7 @@ class Router:
             preference=tuple(req.preference),
             context=[float(v) for v in x],
             context_ref=text_key(req.prompt),
-            cost_usd=0.0 if failed else (result.cost_usd if result else None),
+            cost_usd=self._failure_cost(req, model, outcome) if failed else (result.cost_usd if result else None),
             latency_s=lat,
             pool_version=self.pool_version,
             user=req.user,
@@ -370,6 +373,14 @@ class Router:
         if self.shipper is not None:
             # not awaited: feedback that reaches the buffer before the decision is held there until it arrives
             self.shipper.submit(*(e.to_dict() for e in events))  # a decision and its outcome, never split
+
+    @staticmethod
+    def _failure_cost(req: RouteRequest, model: str, outcome: str) -> float:
+        """An error billed nothing (the upstream refused or failed before answering); a timeout may have been
+        billed in full: its cost is the request's cost bound on that model (issue 11: cost incurred, score 0)."""
+        if outcome == "timeout" and req.timeout_cost_usd:
+            return float(req.timeout_cost_usd.get(model, 0.0))
+        return 0.0
 
     async def _embed(self, req: RouteRequest) -> tuple[np.ndarray, np.ndarray | None]:
         """The routing text's embedding, and the latest turn's when the routing text holds more (both

@@ -30,3 +30,17 @@ def write_jsonl(path: Path, log, n: int | None = None) -> Path:
     from banditrouter.data.loaders import write_jsonl as _write
 
     return _write(log if n is None else log.head(n), path)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the whole test session (tests/chaos and tests/integration share it: a process
+    holds one Ray), every socket on 127.0.0.1 (banditrouter.ray_local). 8 logical CPUs: the chaos apps run
+    about a dozen replicas at fractional CPUs."""
+    import ray
+
+    from banditrouter.ray_local import init_local_ray
+
+    init_local_ray(num_cpus=8, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -50,6 +50,9 @@ class OpenAIBackend:
         from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
         def transient(e: BaseException) -> bool:
+            # not a read timeout: the upstream may have billed that call, and a retry could bill it again
+            if isinstance(e, openai.APITimeoutError):
+                return False
             return isinstance(e, openai.APIConnectionError | openai.InternalServerError) or (
                 isinstance(e, openai.APIStatusError) and e.status_code >= 500
             )
@@ -84,9 +87,12 @@ class OpenAIBackend:
         except openai.APIConnectionError as e:  # connection refused / reset, timeouts
             self._healthy = False
             logger.warning("upstream %s of model %s unreachable: %s", self.cfg.base_url, self.name, e)
-            kind = "timed out" if isinstance(e, openai.APITimeoutError) else "was unreachable"
+            if isinstance(e, openai.APITimeoutError):  # not retried, no fallback: it may have been billed (504)
+                raise BackendError(
+                    f"the upstream of model {self.name!r} did not answer within {self.cfg.timeout_s:g} s", status=504
+                ) from None
             raise BackendError(
-                f"the upstream of model {self.name!r} {kind} after {self.cfg.max_retries + 1} tries", retryable=True
+                f"the upstream of model {self.name!r} was unreachable after {self.cfg.max_retries + 1} tries", retryable=True
             ) from None
 
     def _kwargs(self, request: CompletionRequest) -> dict:

@@ -41,18 +41,32 @@ def _utf8_len(text: str) -> int:
     return len(text.encode("utf-8", errors="surrogatepass"))  # a lone surrogate still counts its 3 bytes
 
 
-def input_token_bound(messages: Sequence[Mapping[str, Any]]) -> int:
+NON_TEXT_PART_TOKENS = 2_000
+"""Per non-text content part (an image, audio): upstreams bill these as input tokens (a high-detail image is
+~1,100 on OpenAI's scale); counted on top of the part's own JSON bytes."""
+
+
+def input_token_bound(messages: Sequence[Mapping[str, Any]], extra: Mapping[str, Any] | None = None) -> int:
     """An upper bound on the prompt tokens an upstream bills for these chat messages: the UTF-8 bytes of every
-    message's text and other fields (name, tool calls), plus a chat-template allowance. Non-text content
-    parts (images, audio) are not counted: the pool's prices are per text token."""
+    message's text and other fields (name, tool calls), a chat-template allowance, each non-text content part's
+    bytes plus `NON_TEXT_PART_TOKENS`, and the bytes of `extra` (the request's `tools` / `response_format`,
+    which upstreams bill as input too)."""
     from deployments.conversation import content_text
 
     total = REQUEST_OVERHEAD_TOKENS
     for m in messages:
-        total += MESSAGE_OVERHEAD_TOKENS + _utf8_len(content_text(m.get("content")))
+        content = m.get("content")
+        total += MESSAGE_OVERHEAD_TOKENS + _utf8_len(content_text(content))
+        if isinstance(content, list):
+            for part in content:
+                if not (isinstance(part, Mapping) and part.get("type") == "text"):
+                    total += NON_TEXT_PART_TOKENS + _utf8_len(json.dumps(part, ensure_ascii=False, default=str))
         rest = {k: v for k, v in m.items() if k != "content"}
         if rest:
             total += _utf8_len(json.dumps(rest, ensure_ascii=False, default=str))
+    billed = {k: v for k, v in (extra or {}).items() if k in ("tools", "tool_choice", "response_format") and v is not None}
+    if billed:
+        total += _utf8_len(json.dumps(billed, ensure_ascii=False, default=str))
     return total
 
 

@@ -296,3 +296,5 @@ def test_size_limits(gateway):
     many = {**OK, "messages": [{"role": "user", "content": "hi"}] * 9}
     assert "messages" in error_of(post("/v1/chat/completions", many, h), 422)["message"]
     assert "user" in error_of(post("/v1/chat/completions", {**OK, "user": "u" * 300}, h), 422)["message"]
+    long_header = {**h, "x-user-id": "u" * 300}  # the header form of `user` has the same limit
+    assert "x-user-id" in error_of(post("/v1/chat/completions", OK, long_header), 422)["message"]

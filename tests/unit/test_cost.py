@@ -131,8 +131,11 @@ def test_input_token_bound_never_undercounts_a_byte_level_bpe_and_chars_over_4_d
 
 
 def test_input_token_bound_counts_text_parts_names_and_tool_calls():
+    from deployments.gateway.cost import NON_TEXT_PART_TOKENS
+
     parts = [{"role": "user", "content": [{"type": "text", "text": "abcd"}, {"type": "image_url", "image_url": {"url": "x"}}]}]
-    assert input_token_bound(parts) == REQUEST_OVERHEAD_TOKENS + MESSAGE_OVERHEAD_TOKENS + 4 + len('{"role": "user"}')
+    image = len('{"type": "image_url", "image_url": {"url": "x"}}') + NON_TEXT_PART_TOKENS
+    assert input_token_bound(parts) == REQUEST_OVERHEAD_TOKENS + MESSAGE_OVERHEAD_TOKENS + 4 + image + len('{"role": "user"}')
     lone = [{"role": "user", "content": "\ud800 hi"}]  # a lone surrogate still counts (3 bytes), no exception
     assert input_token_bound(lone) == REQUEST_OVERHEAD_TOKENS + MESSAGE_OVERHEAD_TOKENS + 6 + len('{"role": "user"}')
     tool = [{"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": "{}"}}]}]
@@ -142,3 +145,20 @@ def test_input_token_bound_counts_text_parts_names_and_tool_calls():
 def test_a_cost_model_without_prices_or_bounds_is_refused():
     with pytest.raises(ValueError, match="neither token prices"):
         CostModel({"x": ModelPrice("x")}, 10)
+
+
+def test_the_input_bound_counts_tools_formats_and_non_text_parts():
+    """Upstreams bill tool definitions, response formats and images as input: a request with tiny text but
+    ~100 KB of tools or 50 image parts must not reserve as if it were tiny (a budget bypass otherwise)."""
+    from deployments.gateway.cost import NON_TEXT_PART_TOKENS, input_token_bound
+
+    msgs = [{"role": "user", "content": "hi"}]
+    base = input_token_bound(msgs)
+    tools = [{"type": "function", "function": {"name": f"f{i}", "description": "x" * 1000}} for i in range(100)]
+    assert input_token_bound(msgs, {"tools": tools}) >= base + 100 * 1000
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"description": "y" * 5000}}}
+    assert input_token_bound(msgs, {"response_format": fmt}) >= base + 5000
+    images = [{"type": "image_url", "image_url": {"url": "https://e.x/a.png"}}] * 50
+    with_images = [{"role": "user", "content": [{"type": "text", "text": "hi"}, *images]}]
+    assert input_token_bound(with_images) >= base + 50 * NON_TEXT_PART_TOKENS
+    assert input_token_bound(msgs, {"n": 3}) == base  # fields not billed as input add nothing

@@ -382,3 +382,24 @@ def test_backend_error_keeps_its_flags_across_pickling():
 
     e = pickle.loads(pickle.dumps(BackendError("x", retryable=True, status=503)))
     assert (e.message, e.retryable, e.status, e.client_error) == ("x", True, 503, False)
+
+
+def test_a_timed_out_call_is_logged_with_the_cost_it_may_have_incurred(tmp_path):
+    """A timeout is an outcome the policy learns from with the cost incurred (the upstream may have billed the
+    whole call): the decision carries the ingress's cost bound for that model; an error (nothing billed) 0."""
+    import dataclasses
+
+    async def hang(req):
+        await asyncio.sleep(3600)
+
+    models = {m: Model(m) for m in MODELS}
+    router = _router(tmp_path, models, model_timeout_s=0.3)
+    for m in MODELS:
+        router.models[m] = FakeHandle(complete=hang)
+    from deployments.router import ModelTimeout
+
+    req = dataclasses.replace(_req(), timeout_cost_usd={m: 0.01 * (k + 1) for k, m in enumerate(MODELS)})
+    with pytest.raises(ModelTimeout):
+        asyncio.run(asyncio.wait_for(router.route(req), 10))
+    d = _decisions(router)[-1]
+    assert d["outcome"] == "timeout" and d["cost_usd"] == pytest.approx(0.01 * (MODELS.index(d["model"]) + 1))

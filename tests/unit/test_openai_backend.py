@@ -242,3 +242,31 @@ def test_passthrough_fields_reach_the_upstream_and_tool_calls_come_back():
     assert {k: seen[0][k] for k in passthrough} == passthrough
     assert r.info["tool_calls"][0]["function"]["name"] == "add" and r.info["finish_reason"] == "tool_calls"
     assert len(r.info["choices"]) == 2 and r.text == ""
+
+
+def test_a_read_timeout_is_not_retried_and_is_a_504_not_a_fallback():
+    """An upstream that takes the request and then says nothing within `timeout_s` may have billed it: no
+    retry (it could bill again) and no fallback; the error carries status 504 (the ingress's timeout)."""
+    from aiohttp import web
+
+    from deployments.backends.openai_upstream import OpenAIBackend
+
+    calls = []
+
+    async def handler(request):
+        calls.append(1)
+        await asyncio.sleep(5)
+        return web.json_response(COMPLETION)
+
+    async def main():
+        runner, url = await _serve(handler)
+        try:
+            b = OpenAIBackend("m", OpenAIBackendConfig(base_url=url, max_retries=2, timeout_s=0.3), 1.0, 3.0)
+            with pytest.raises(BackendError) as err:
+                await b.complete(REQ)
+            return err.value
+        finally:
+            await runner.cleanup()
+
+    e = asyncio.run(main())
+    assert len(calls) == 1 and e.status == 504 and not e.retryable and "did not answer within" in str(e)

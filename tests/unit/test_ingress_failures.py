@@ -1,0 +1,33 @@
+"""How the ingress answers each failure a dispatch can raise (`deployments.ingress._failure`): status, code,
+Retry-After, and what the key is charged."""
+
+from __future__ import annotations
+
+import pytest
+
+from banditrouter.config import load_config
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config({"models": [{"name": "a"}, {"name": "b"}]})
+
+
+def test_an_unavailable_router_replica_is_a_503_with_retry_after_and_charges_nothing(cfg):
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    from deployments.ingress import _failure
+
+    err, spent = _failure(ReplicaUnavailableError("replica gone"), "router", 0.5, cfg)
+    assert (err.status, err.code, spent) == (503, "unavailable", 0.0) and err.retry_after_s >= 1
+    assert "replica gone" not in err.message  # Ray's text stays in the log
+
+
+def test_an_upstream_timeout_is_a_504_charged_at_the_bound_and_a_refusal_a_400(cfg):
+    from deployments.backends import BackendError
+    from deployments.ingress import _failure
+
+    err, spent = _failure(BackendError("the upstream of model 'a' did not answer within 60 s", status=504), "a", 0.5, cfg)
+    assert (err.status, err.code, spent) == (504, "model_timeout", 0.5)
+    err, spent = _failure(BackendError("refused (400): too long", status=400, client_error=True), "a", 0.5, cfg)
+    assert (err.status, err.code, spent) == (400, "upstream_refused", 0.0)
