@@ -255,14 +255,17 @@ class Ingress:
 
     def _completion(self, result: CompletionResult, model: str, routing: dict | None) -> JSONResponse:
         info = dict(result.info)
-        choices = info.pop("choices", None)  # an upstream's own choices (n, tool calls), when it returned them
+        choices = info.pop("choices", None)  # an upstream's own choices (n > 1), when it returned them
+        message: dict = {"role": "assistant", "content": result.text}
+        if info.get("tool_calls"):  # where OpenAI clients read them (the content is then usually empty)
+            message["tool_calls"] = info.pop("tool_calls")
+        finish = info.pop("finish_reason", None) or "stop"
         body = {
             "id": f"chatcmpl-{(routing or {}).get('decision_id') or uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
-            "choices": choices
-            or [{"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": "stop"}],
+            "choices": choices or [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": self._usage(result),
             "backend": info,
         }

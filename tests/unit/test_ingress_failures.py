@@ -31,3 +31,24 @@ def test_an_upstream_timeout_is_a_504_charged_at_the_bound_and_a_refusal_a_400(c
     assert (err.status, err.code, spent) == (504, "model_timeout", 0.5)
     err, spent = _failure(BackendError("refused (400): too long", status=400, client_error=True), "a", 0.5, cfg)
     assert (err.status, err.code, spent) == (400, "upstream_refused", 0.0)
+
+
+def test_tool_calls_and_the_finish_reason_reach_the_openai_shaped_message():
+    """An upstream's tool calls (forwarded `tools`) must be where OpenAI clients read them:
+    choices[0].message.tool_calls with the upstream's finish_reason, not only in the backend info."""
+    import json
+
+    from deployments.backends import CompletionResult
+    from deployments.ingress import Ingress
+
+    cls = Ingress.func_or_class
+    ingress = object.__new__(cls)
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    result = CompletionResult("", 0.001, 10, 5, 0.1, {"backend": "openai", "finish_reason": "tool_calls", "tool_calls": [call]})
+    body = json.loads(cls._completion(ingress, result, "a", None).body)
+    choice = body["choices"][0]
+    assert choice["message"]["tool_calls"] == [call] and choice["finish_reason"] == "tool_calls"
+    assert "tool_calls" not in body["backend"]
+    plain = CompletionResult("four", 0.001, 10, 5, 0.1, {"backend": "replay"})
+    choice = json.loads(cls._completion(ingress, plain, "a", None).body)["choices"][0]
+    assert choice == {"index": 0, "message": {"role": "assistant", "content": "four"}, "finish_reason": "stop"}
