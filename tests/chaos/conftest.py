@@ -106,8 +106,31 @@ def deploy(cfg, name: str, route_prefix: str = "/") -> None:
 
 def undeploy(name: str) -> None:
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
-    serve.delete(name)
+    try:
+        serve.delete(name)
+    except RayServeException:  # Serve was already stopped after the last chaos test (pytest_runtest_teardown)
+        pass
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """After the last chaos test, stop Serve (the session's chaos apps go with it) and the named detached
+    actors: the session's Ray is shared with tests/integration (tests/conftest.py), whose modules start Serve
+    on their own ports and their own buffer, learner and ledger by name."""
+    here = Path(__file__).parent
+    if nextitem is None or Path(str(nextitem.path)).parent != here:
+        import ray
+
+        if ray.is_initialized():
+            from ray import serve
+
+            from deployments.gateway.budgets import kill_ledgers
+            from learner.actors import kill_actors
+
+            serve.shutdown()
+            kill_actors()  # the edge app's detached buffer and learner: later modules create their own by name
+            kill_ledgers()
 
 
 # ---------------------------------------------------------------------------------------------------------
