@@ -216,8 +216,9 @@ def failing(service, tmp_path_factory):
 def test_refused_and_timed_out_model_calls_are_400_504_and_logged_as_outcomes(failing, service):
     """A routed call whose upstream refuses the request (4xx: never retried, no fallback) answers 400
     `upstream_refused`, one that runs past router.model_timeout_s 504 (same error JSON), and both are logged as
-    decisions with that outcome (refusal: cost 0; timeout: its cost bound) plus an outcome event of that kind with value 0, so a learning policy
-    sees that the arm fails. (5xx: retried, then a fallback model: tests/integration/test_failures.py.)"""
+    decisions with that outcome (refusal: cost 0; timeout: its cost bound) plus an outcome event of that kind
+    with value 0, so a learning policy sees that the arm fails. (5xx: retried, then a fallback model:
+    tests/integration/test_failures.py.)"""
     seen: dict[int, requests.Response] = {}
     for k in range(20):  # the router picks uniformly between the two: both show up within a few requests
         r = requests.post(f"{BASE}/failing/v1/chat/completions", json=OK, headers={"x-request-id": f"failing-{k}"}, timeout=60)
