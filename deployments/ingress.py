@@ -158,7 +158,11 @@ class Ingress:
     def _reachable(self, model: str) -> list:
         return list(self.model_cfgs.values()) if model == "router" else [self.model_cfgs[model]]
 
-    async def _chat_request(self, request: Request) -> parsing.ChatRequest:
+    def _reachable_names(self, model: str) -> list[str]:
+        return list(self.models) if model == "router" else [model]
+
+    async def _chat_request(self, request: Request) -> tuple[parsing.ChatRequest, dict | None]:
+        """The validated body and its passthrough fields (n, tools, ...), refused where a reachable model can't."""
         body = parsing.parse_chat(parsing.loads_object(await request.body(), self.limits), self.limits)
         if body.model != "router" and body.model not in self.models:
             raise ApiError(
@@ -170,27 +174,28 @@ class Ingress:
             field = "n" if passthrough.get("n", 1) > 1 else "tools"
             msg = f"{field}: a streamed answer carries one text choice; use stream: false"
             raise ApiError(400, msg, code="unsupported_parameter")
-        return body
+        return body, passthrough
 
     @app.post("/v1/chat/completions")
     async def chat_completions(
         self, request: Request, principal: Principal = Depends(require_route), _json: None = Depends(require_json)
     ):
         rid = request_id(request)
-        body = await self._chat_request(request)
+        body, passthrough = await self._chat_request(request)
         messages = [m.forwarded() for m in body.messages]
         try:  # the latest user turn (+ router.context_turns - 1 earlier ones, newest first), not all turns joined
             conv = conversation.parse(messages, self.cfg.router.context_turns)
         except ValueError as e:  # e.g. the only user text is whitespace
             raise ApiError(422, f"messages: {e}") from None
-        passthrough = body.passthrough()
         # the cap the maximum cost assumes is the cap sent upstream, so the reservation bounds the bill
         max_tokens = body.max_tokens or self.limits.max_tokens
         from deployments.gateway.cost import input_token_bound
 
         n = (passthrough or {}).get("n", 1)
         in_tokens = input_token_bound(messages, passthrough)  # tools / response_format are billed as input too
-        max_cost = n * self.costs.max_cost(body.model, in_tokens, max_tokens)
+        # per model: what a timed-out call there may have cost; the reservation is the largest the request can reach
+        bounds = {m: n * self.costs.max_cost(m, in_tokens, max_tokens) for m in self._reachable_names(body.model)}
+        max_cost = max(bounds.values())
         user = body.user or self._header_user(request)  # (before admission: a refusal here reserves nothing)
         ticket = await self.gate.admit(principal, max_cost)
         spent, handed_over = max_cost, False
@@ -208,7 +213,7 @@ class Ingress:
                     history_refs=conv.history_refs,
                     arrived_at=time.time(),
                     key_id=principal.key_id,
-                    timeout_cost_usd={m: n * self.costs.max_cost(m, in_tokens, max_tokens) for m in self.models},
+                    timeout_cost_usd=bounds,
                     **({"passthrough": passthrough} if passthrough else {}),
                 )
                 if body.stream:
@@ -238,11 +243,9 @@ class Ingress:
             return self._completion(result, body.model, None)
         except (
             QueueFull,
-            BackPressureError,
-            DeploymentUnavailableError,
             ModelTimeout,
             BackendError,
-            RayServeException,
+            RayServeException,  # BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
             ray.exceptions.RayActorError,
             ray.exceptions.ActorUnavailableError,
         ) as e:

@@ -11,7 +11,6 @@ process that starts Ray, so it is set here before the session's Ray starts.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,9 +19,6 @@ import pytest
 import requests
 
 from tests.integration.conftest import POOL
-
-# Serve's proxy callback (Ray 2.60 reads it when the proxy actor starts; the proxy inherits this environment)
-os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "deployments.gateway.errors.proxy_middlewares")
 
 PORT = 8031
 BASE = f"http://127.0.0.1:{PORT}"
