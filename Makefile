@@ -7,13 +7,13 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run eval bench test lint clean
+.PHONY: setup run eval bench bench-embedder test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: 2.13.0 resolves to the CPU build; an unpinned torch pulls GBs of CUDA wheels.
 	$(VENV)/bin/pip install --disable-pip-version-check -q torch==2.13.0
-	$(VENV)/bin/pip install --disable-pip-version-check -q -e ".[serve,train,dev]"
+	$(VENV)/bin/pip install --disable-pip-version-check -q -e ".[serve,train,dev,onnx]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -26,6 +26,10 @@ eval: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/banditrouter bench --config configs/local.yaml --requests 2000 --concurrency 16 --out reports/bench.json
+
+# embedder backends (torch fp32 vs onnx vs onnx-int8): throughput on 256-token prompts, cosine, BaRP agreement
+bench-embedder: $(STAMP)
+	$(VENV)/bin/python scripts/bench_embedder.py --out reports/embedder_bench.json
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests -q

