@@ -439,6 +439,94 @@ def queue_eval(
     console.print(f"wrote {out}/queue.json, checks.json, queue_length.png, regret.png in {res.seconds:.0f}s")
 
 
+@app.command("budget-eval")
+def budget_eval(
+    dataset: str = DatasetOpt,
+    budgets: str = typer.Option(
+        "0.1,0.25,0.5,1.0", "--budgets", help="Budgets as fractions of the reference model's spend alone over the test stream."
+    ),
+    seeds: str = typer.Option("0-4", "--seeds", help="Seeds (stream orders): a range '0-4' or a list '0,2,7'."),
+    out: Path = typer.Option(Path("reports/budget"), "--out", "-o", help="Folder for budget.json and the figures."),
+    policies: str = typer.Option(
+        "pilot,linucb,barp,cheapest,greedy", "--policies", help="Comma-separated, from pilot, linucb, barp, cheapest, greedy."
+    ),
+    bin_size: int = typer.Option(50, "--bin-size", min=1, help="S: queries per pacing bin (budget B/N each, with rollover)."),
+    update_batch: int = typer.Option(8, "--update-batch", min=1, help="Samples per online policy update."),
+    values: str = typer.Option(
+        "optimistic",
+        "--values",
+        help="Value estimate the knapsack compares with cost: optimistic (what a learner maximises: UCB, live pi) or greedy.",
+    ),
+    reference_model: str | None = typer.Option(
+        None,
+        "--reference-model",
+        help="Budgets are fractions of its spend (default: gpt-4 on routerbench, else the best train accuracy).",
+    ),
+    train_seed: int = typer.Option(0, "--train-seed", min=0, help="Seed of PILOT's prior and BaRP's training."),
+    barp_epochs: int | None = typer.Option(None, "--barp-epochs", min=0, help="BaRP's training epochs (default 100)."),
+    retrain: bool = typer.Option(False, "--retrain", help="Train PILOT's prior and BaRP again, ignoring <out>/checkpoints."),
+    data_dir: Path | None = DataDirOpt,
+    test_fraction: float = TestFracOpt,
+):
+    """Policies under a budget, online over the test stream (evaluation/budget.py): PILOT, LinUCB without a prior
+    and BaRP paced by the same ZCL knapsack, plus cheapest-first and greedy-until-broke; writes budget.json,
+    budget_frontier.png and learning_curves.png."""
+    from banditrouter.data import DataError
+    from banditrouter.evaluation.budget import BudgetInvariantError, parse_budgets, run_budget_eval
+    from banditrouter.evaluation.queue import parse_seeds
+    from banditrouter.policies import StateError
+
+    try:
+        res = run_budget_eval(
+            dataset,
+            out,
+            budgets=parse_budgets(budgets),
+            seeds=parse_seeds(seeds),
+            policies=policies.split(","),
+            bin_size=bin_size,
+            update_batch=update_batch,
+            value_mode=values,
+            reference_model=reference_model,
+            train_seed=train_seed,
+            barp_epochs=barp_epochs,
+            retrain=retrain,
+            data_dir=data_dir,
+            test_fraction=test_fraction,
+            log_fn=console.print,
+        )
+    except (DataError, ValueError, StateError, FileNotFoundError) as e:
+        _fail(str(e))
+    except BudgetInvariantError as e:
+        _fail(f"budget invariant broken (a bug): {e}")
+    r = res.results
+    ref = f"{r['reference_model']} (${r['reference_spend_usd']:.4g})"
+    table = Table(title=f"{r['dataset']} budget-eval: budgets as fractions of {ref}, seeds {r['seeds']}")
+    for col in ("policy", "budget", "accuracy", "share of ref", "spend/budget", "max overspend $", "exhausted (runs, at)"):
+        table.add_column(col, justify="right")
+    for name, per in res.summary.items():
+        for b, v in per.items():
+            at = "-" if v["exhausted_at_fraction_mean"] is None else f"{v['exhausted_at_fraction_mean']:.2f}"
+            table.add_row(
+                name,
+                b,
+                f"{v['accuracy_mean']:.3f} ± {v['accuracy_sd']:.3f}",
+                f"{v['accuracy_mean'] / r['reference_accuracy']:.1%}",
+                f"{v['spend_over_budget_mean']:.3f}",
+                f"{v['max_overspend_usd']:+.2e}",
+                f"{v['runs_exhausted']}, {at}",
+            )
+    Console().print(table)
+    c = r["checks"]
+    console.print(
+        f"max over runs of spend - budget: {c['max_overspend_usd']:+.3e} USD; "
+        f"max request cost {c['max_request_cost_usd']:.3e} USD"
+        f" -> invariant {'holds' if c['spend_within_budget_plus_max_request'] else 'BROKEN'}"
+    )
+    for b, v in c.get("pilot_vs_linucb", {}).items():
+        console.print(f"budget {b}: pilot {v['pilot']:.3f} vs linucb {v['linucb']:.3f} ({v['difference']:+.3f})")
+    console.print(f"wrote {out}/budget.json, budget_frontier.png, learning_curves.png in {res.seconds:.0f}s")
+
+
 @data_app.command("fetch")
 def fetch(
     name: str = typer.Argument(..., help="Dataset to fetch: routerbench."),
@@ -528,8 +616,13 @@ def keys_create(
         "-s",
         help="route (chat, models, feedback on its own decisions) and/or admin (everything); a,b or repeat.",
     ),
-    budget_usd: float | None = typer.Option(None, "--budget-usd", help="Hard spend limit per --period, USD."),
-    period: str = typer.Option("day", "--period", help="Budget period: hour, day, week, month or total."),
+    budget_usd: float | None = typer.Option(None, "--budget-usd", help="Spend limit per --period, USD."),
+    period: str = typer.Option(
+        "day", "--period", help="Budget period: hour, day, week, month, total, or <N>s (N >= 10 seconds, for demos)."
+    ),
+    pacing: str = typer.Option(
+        "hard", "--pacing", help="hard: 429 at the limit; zcl: pace routed requests so the budget lasts the period."
+    ),
     rate_limit: int | None = typer.Option(None, "--rate-limit", help="Requests per minute."),
     file: Path = KeysFileOpt,
 ):
@@ -538,12 +631,14 @@ def keys_create(
 
     wanted = [x.strip() for item in scopes for x in item.split(",") if x.strip()]
     try:
-        secret, entry = create_key(file, key_id, wanted, budget_usd=budget_usd, period=period, rate_limit_per_min=rate_limit)
+        secret, entry = create_key(
+            file, key_id, wanted, budget_usd=budget_usd, period=period, pacing=pacing, rate_limit_per_min=rate_limit
+        )
     except KeyStoreError as e:
         _fail(str(e))
     limits = [f"scopes {', '.join(entry.scopes)}"]
     if entry.budget is not None:
-        limits.append(f"budget ${entry.budget.usd:g}/{entry.budget.period}")
+        limits.append(f"budget ${entry.budget.usd:g}/{entry.budget.period}, pacing {entry.budget.pacing}")
     if entry.rate_limit_per_min is not None:
         limits.append(f"{entry.rate_limit_per_min} requests/min")
     console.print(
@@ -567,7 +662,7 @@ def keys_list(file: Path = KeysFileOpt):
     for col in ("id", "scopes", "budget (USD)", "rate limit (/min)", "created"):
         table.add_column(col)
     for e in entries:
-        budget = f"{e.budget.usd:g} per {e.budget.period}" if e.budget else "-"
+        budget = f"{e.budget.usd:g} per {e.budget.period} ({e.budget.pacing})" if e.budget else "-"
         rate = str(e.rate_limit_per_min) if e.rate_limit_per_min else "-"
         table.add_row(e.id, ",".join(e.scopes), budget, rate, e.created or "-")
     Console().print(table)

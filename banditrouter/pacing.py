@@ -95,13 +95,20 @@ def pace(
     allowed: np.ndarray | None = None,
     explore: bool = False,
     rng: np.random.Generator | None = None,
+    optimistic: bool = False,
 ) -> Paced:
     """One paced decision for one query (`context` (d,), `preference` (2,)).
 
     Eligibility uses the policy's value estimate `policy.values(explore=False)` (BaRP: pi(a | x, w); the linear
     policies and PILOT: the predicted reward); the choice among eligible arms is the policy's own behaviour
     restricted to them (`fallback_probabilities`, which renormalises a stochastic policy's distribution and takes
-    the best by value for a deterministic one). No eligible arm: the cheapest allowed arm (by weight)."""
+    the best by value for a deterministic one). No eligible arm: the cheapest allowed arm (by weight).
+
+    `optimistic=True` [ours]: eligibility uses `values(explore=True)` instead, the value a learning policy
+    maximises (LinUCB, PILOT: the prediction plus the UCB bonus; BaRP: pi of its live parameters). A cold
+    learner's greedy values are 0 for every arm it has not tried, so with greedy eligibility it could only ever
+    fall back to the cheapest arm and never learn the others; `banditrouter budget-eval` paces learners online
+    this way (evaluation/budget.py)."""
     x = np.asarray(context, dtype=np.float32)[None, :]
     p = np.asarray(preference, dtype=np.float64).reshape(1, 2)
     w = np.asarray(weights, dtype=np.float64)
@@ -109,18 +116,30 @@ def pace(
     allow = np.ones(k, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
     if not allow.any():
         raise ValueError("no arm is allowed")
-    values = policy.values(x, p, explore=False)[0]
+    values = policy.values(x, p, explore=optimistic)[0]
     ok = eligible(values, w, z, L, U, allow)
     threshold = float(zcl_threshold(z, L, U))
     if not ok.any():
         cheap = np.flatnonzero(allow)[int(np.argmin(w[allow]))]
         return Paced(int(cheap), 1.0, ok, threshold, True)
+    if optimistic == explore and _deterministic(policy):
+        # the same choice fallback_probabilities makes for a deterministic policy (the best eligible arm by the
+        # values just computed, first index on ties), without computing the values twice more
+        arm = int(np.flatnonzero(ok)[int(np.argmax(values[ok]))])
+        return Paced(arm, 1.0, ok, threshold, False)
     probs = policy.fallback_probabilities(x, p, ok, explore=explore)[0]
     if probs.max() >= 1.0 - 1e-12:
         arm = int(probs.argmax())
     else:
         arm = int((rng or np.random.default_rng()).choice(k, p=probs / probs.sum()))
     return Paced(arm, float(probs[arm]), ok, threshold, False)
+
+
+def _deterministic(policy) -> bool:
+    """True when the policy keeps the base class's `arm_probabilities`: all mass on the argmax of `values`."""
+    from banditrouter.policies.base import Policy
+
+    return isinstance(policy, Policy) and type(policy).arm_probabilities is Policy.arm_probabilities
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -82,11 +82,20 @@ def train_one(
     features=None,
     **config,
 ) -> Policy:
-    """`features`: a banditrouter.features.Projection the policy learns on (None: the raw embedding)."""
+    """`features`: a banditrouter.features.Projection the policy learns on (None: the raw embedding). PILOT
+    first trains its preference prior on `train` (full information, banditrouter.policies.pilot.build_pilot);
+    its default epochs of bandit pretraining on top are 0."""
     tau = cost_scale(train.log.costs, tau_quantile) if tau is None else tau
     if features is not None:
         config["features"] = features
-    policy = make_policy(name, train.log.models, train.contexts.shape[1], tau, seed=seed, **config)
+    if name == "pilot":
+        from banditrouter.policies.pilot import build_pilot
+
+        if features is not None:
+            raise ValueError("policy 'pilot' takes no learned features: its query projection is part of its prior")
+        policy = build_pilot(train.log, train.contexts, tau, seed=seed, progress=progress, **config)
+    else:
+        policy = make_policy(name, train.log.models, train.contexts.shape[1], tau, seed=seed, **config)
     train_policy(
         policy, train.contexts, train.log, epochs=epochs, seed=seed, progress=progress, preference_sampler=preference_sampler
     )
@@ -248,6 +257,23 @@ def _features_report(projection, test: Split) -> dict:
     return {**projection.meta, "success_pattern_auc": auc}
 
 
+def pacing_calibration(policy: Policy, tuning: Split, preference: tuple[float, float] | None = None, quantiles=None) -> dict:
+    """What the live router needs to pace a key (`pacing: zcl`) with this policy: L and U (`ratio_bounds`: the
+    1% / 99% quantiles of the positive ratios of the policy's value estimate, `values(explore=False)`, to the
+    estimated cost, over the tuning split's prompts at `preference`, default the config schema's default
+    preference) and the cost estimator fit on the tuning log (the replay models' weights)."""
+    from banditrouter.config import Preference
+    from banditrouter.pacing import DEFAULT_LU_QUANTILES, CostEstimator, ratio_bounds
+
+    pref = tuple(preference) if preference is not None else Preference().as_tuple()
+    est = CostEstimator.fit(tuning.log)
+    order = [est.models.index(m) for m in policy.models]
+    weights = est([len(q) for q in tuning.log.prompts])[:, order]
+    values = policy.values(tuning.contexts, np.tile(np.asarray(pref, dtype=np.float64), (len(tuning.contexts), 1)))
+    L, U = ratio_bounds(values, weights, tuple(quantiles or DEFAULT_LU_QUANTILES))
+    return {"L": L, "U": U, "preference": list(pref), "cost_estimator": est.to_dict()}
+
+
 def run_train(
     dataset: str,
     policy: str,
@@ -275,6 +301,8 @@ def run_train(
         raise ValueError(f"the projection is trained on the train split only; --split is {split!r}")
     if features == "projection" and not takes_features(policy):
         raise ValueError(f"policy {policy!r} does not use the context: --features projection does not apply")
+    if policy == "pilot" and split != "train":
+        raise ValueError(f"pilot's preference prior is trained on the train split only; --split is {split!r}")
     train = load_split(dataset, split, data_dir=data_dir, test_fraction=test_fraction, seed=seed, limit=limit, progress=progress)
     projection = None
     if features == "projection":
@@ -292,5 +320,7 @@ def run_train(
         features=projection,
         **(options or {}),
     )
-    save_checkpoint(pol, out, extra={"dataset": dataset, "split": split, "n_train": len(train.log), "seed": seed})
+    pacing = {**pacing_calibration(pol, train), "tuning": f"{dataset}/{split}"}
+    extra = {"dataset": dataset, "split": split, "n_train": len(train.log), "seed": seed, "pacing": pacing}
+    save_checkpoint(pol, out, extra=extra)
     return pol

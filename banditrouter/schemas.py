@@ -71,6 +71,16 @@ class DecisionEvent:
     """Public id of the API key that made the request (None: auth off). Only that key may score it."""
     fallback: bool = False
     """The model first chosen failed and this decision is the fallback the policy chose among the rest."""
+    allowed: int | None = None
+    """How many models the request could use (the ingress's budget / `max_cost_usd` filter); None: all."""
+    paced: bool = False
+    """The key paces its budget (`pacing: zcl`): the model was chosen by the ZCL rule (banditrouter/pacing.py)."""
+    pacing_z: float | None = None
+    """Fraction of the current budget bin spent when the request arrived (paced decisions)."""
+    eligible: int | None = None
+    """Paced decisions: how many allowed models reached the ZCL threshold."""
+    fallback_cheapest: bool | None = None
+    """Paced decisions: none was eligible, so the cheapest allowed model served."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,12 +16,14 @@ from banditrouter.data.log import RoutingLog
 from banditrouter.policies.base import BanditBatch, Policy
 from banditrouter.reward import DEFAULT_PREFERENCE_SAMPLER, sample_preferences
 
-DEFAULT_EPOCHS = {"barp": 100, "supervised": 40, "acqb": 1}
+DEFAULT_EPOCHS = {"barp": 100, "supervised": 40, "acqb": 1, "pilot": 0}
 """Epochs per policy when none is given: BaRP as in the paper's summary; the linear and static learners
 have converged long before (their statistics are sufficient), so they get DEFAULT_BANDIT_EPOCHS. ACQB [ours]
 pretrains on one pass: its online Newton/IRLS posterior counts every sample as new evidence, so a second pass
 over the same prompts would shrink its posterior (and its anytime counter t would grow) as if twice the data
-had been seen; `--epochs 0` writes a cold checkpoint (an untrained ACQB with the log's tau)."""
+had been seen; `--epochs 0` writes a cold checkpoint (an untrained ACQB with the log's tau). PILOT: 0, its
+offline training is the preference prior (`banditrouter.policies.pilot.build_pilot`, full information), and
+its online statistics start at the prior; `--epochs N` adds N passes of bandit pretraining on top."""
 DEFAULT_BANDIT_EPOCHS = 20
 
 

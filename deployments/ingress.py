@@ -6,8 +6,10 @@ here: FastAPI must see real types in the route signatures that Serve rewrites.
 
     POST /v1/chat/completions   scope route. model "router" routes; a pool model's name calls that model
                                  routing preference per request: {"routing": {"preference": {"quality", "cost"}}}
+                                 a cost cap per request: {"routing": {"max_cost_usd": 0.01}} (400 if no model fits)
                                  stream: true answers with server-sent events
     GET  /v1/models             scope route. "router" and every pool model
+    GET  /v1/budget             scope route. the caller's own budget: spend, reservations, period, pacing z
     POST /v1/feedback           scope route, on the caller's own decisions
     GET  /health                {"status": "ok"}; the policy, tau, models and learning state for admin only
     GET  /v1/learner/stats, /v1/learner/installs, /v1/routing/events    scope admin
@@ -193,14 +195,16 @@ class Ingress:
 
         n = (passthrough or {}).get("n", 1)
         in_tokens = input_token_bound(messages, passthrough)  # tools / response_format are billed as input too
-        # per model: what a timed-out call there may have cost; the reservation is the largest the request can reach
+        # per model: what a timed-out call there may have cost; the reservation is the largest the request may reach
+        # (after routing.max_cost_usd and, for a zcl key, its remaining budget leave out models: budgets.Gate)
         bounds = {m: n * self.costs.max_cost(m, in_tokens, max_tokens) for m in self._reachable_names(body.model)}
-        max_cost = max(bounds.values())
         user = body.user or self._header_user(request)  # (before admission: a refusal here reserves nothing)
-        ticket = await self.gate.admit(principal, max_cost)
+        routed = body.model == "router"
+        ticket = await self.gate.admit_request(principal, bounds, routed=routed, max_cost_usd=body.max_cost_usd())
+        max_cost = ticket.max_cost_usd
         spent, handed_over = max_cost, False
         try:
-            if body.model == "router":
+            if routed:
                 req = RouteRequest(
                     request_id=rid,
                     messages=messages,
@@ -214,6 +218,8 @@ class Ingress:
                     arrived_at=time.time(),
                     key_id=principal.key_id,
                     timeout_cost_usd=bounds,
+                    allowed_models=ticket.allowed_models,
+                    pacing_z=ticket.pacing_z,
                     **({"passthrough": passthrough} if passthrough else {}),
                 )
                 if body.stream:
@@ -383,6 +389,13 @@ class Ingress:
             "object": "list",
             "data": [{"id": n, "object": "model", "created": now, "owned_by": "banditrouter"} for n in names],
         }
+
+    @app.get("/v1/budget")
+    async def budget(self, principal: Principal = Depends(require_route)):
+        """The caller's own budget: {"key_id", "budget_usd", "period", "pacing", "spent_usd", "reserved_usd",
+        "period_start", "period_end" (epoch seconds; end null for total), "z" (zcl: the current bin's fraction
+        spent), "bin"}. A key without a budget: 200 with budget_usd and every figure null."""
+        return await self.gate.budget_status(principal)
 
     @app.get("/health")
     async def health(self, principal: Principal | None = Depends(optional_principal)):

@@ -32,6 +32,14 @@ Failure semantics (one deadline, `router.model_timeout_s`, bounds everything bel
 When every model failed, the ingress gets the last `BackendError`. Nothing else leaves `route`/`route_stream`
 except `QueueFull` (503 + Retry-After) and client cancellation.
 
+Budgets (issue 12; the ingress sets both fields of `RouteRequest`): `allowed_models` restricts the decision to
+the models whose cost bound fits the key's remaining budget (the policy's own rule restricted:
+`Policy.fallback_probabilities`, true propensity); `pacing_z` (keys with `pacing: zcl`) routes by the ZCL
+knapsack rule (`banditrouter.pacing.pace`, `LivePacer`: L, U and the models' estimated costs) within them.
+Retries and fallbacks stay inside `allowed_models`. The decision event and the routing dict record `allowed`,
+`paced`, `pacing_z`, `eligible` and `fallback_cheapest`. With ACQB such a request is decided at arrival and takes a
+slot on its model at once (503 when none is free): the joint schedule knows no per-request model set.
+
 ACQB (the pool path): a fallback does not wait in the pool again; it takes the best remaining model (by
 the same rule) that has a free slot at that moment, and fails with the BackendError when none has one.
 """
@@ -45,6 +53,7 @@ import logging
 import random
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,7 +66,7 @@ from banditrouter.schemas import DecisionEvent, FeedbackEvent, new_id
 from deployments.backends import BackendError, CompletionRequest, CompletionResult
 from deployments.conversation import text_ref
 from deployments.events import make_sink
-from deployments.scheduler import AdmissionQueue, PoolScheduler, QueueFull  # noqa: F401 (QueueFull: the ingress's 503)
+from deployments.scheduler import AdmissionQueue, Grant, PoolScheduler, QueueFull
 
 logger = logging.getLogger("ray.serve")
 
@@ -147,6 +156,12 @@ class RouteRequest:
     timeout_cost_usd: dict[str, float] | None = None
     """Per model, what a call that times out is taken to have cost (the ingress's bound on the request's cost
     there: the upstream may have billed all of it). Logged as the timed-out decision's cost; 0 when absent."""
+    allowed_models: tuple[str, ...] | None = None
+    """The models this request may use (set by the ingress: those whose cost bound fits the key's remaining
+    budget and the request's `routing.max_cost_usd`); None: all. Decisions, retries and fallbacks stay inside it."""
+    pacing_z: float | None = None
+    """zcl-paced keys only: the fraction z of the current budget bin already spent (set by the ingress); the router
+    then applies `banditrouter.pacing.pace`. None: no pacing."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +178,154 @@ class RoutedDecision:
     turn_context: np.ndarray | None = None
     queue_wait_s: float | None = None
     queue_length: int | None = None
+    pacing: dict | None = None
+    """What the decision records about the budget: `allowed` (models the request could use), and for a paced key
+    `paced`, `pacing_z`, `eligible`, `fallback_cheapest` (None: neither restricted nor paced)."""
+
+
+def checkpoint_extra(path) -> dict:
+    """The `extra` dict a checkpoint carries (dataset, split, pacing calibration...), without building the policy."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (load_checkpoint reports a bad file; here: no extra)
+        logger.warning("could not read the extra of checkpoint %s: %s", path, e)
+        return {}
+    extra = state.get("extra") if isinstance(state, dict) else None
+    return dict(extra) if isinstance(extra, dict) else {}
+
+
+class LivePacer:
+    """ZCL pacing in the router (banditrouter/pacing.py): the bounds L, U and each model's weight (its estimated
+    cost in USD for a prompt).
+
+    L, U: `pacing.L` / `pacing.U` from the config; else the checkpoint's calibration (`banditrouter train` stores
+    it: extra["pacing"]); else (a warning at start) estimated live as `pacing.lu_quantiles` of the ratios seen in
+    the last `WINDOW` paced decisions. Weights: a replay model's from the checkpoint's cost estimator (fit on the
+    train log of the dataset it was trained on), else from its replay dataset's train log; a token-priced model's
+    from its prices and `pacing.output_tokens` (`CostEstimator.from_prices`)."""
+
+    WINDOW = 4096
+
+    def __init__(self, cfg: AppConfig, models: tuple[str, ...], extra: dict | None = None):
+        from banditrouter.pacing import CostEstimator
+
+        pc = cfg.pacing
+        self.models, self.quantiles, self.bins = tuple(models), tuple(pc.lu_quantiles), pc.bins
+        cal = (extra or {}).get("pacing") or {}
+        if pc.L is not None:
+            self.bounds, self.source = (float(pc.L), float(pc.U)), "config"
+        elif cal.get("L") is not None and cal.get("U") is not None:
+            self.bounds, self.source = (float(cal["L"]), float(cal["U"])), f"checkpoint ({cal.get('tuning', '?')})"
+            served = cfg.policy.default_preference.as_tuple()
+            if cal.get("preference") is not None and not np.allclose(cal["preference"], served):
+                logger.warning(
+                    "pacing: L, U were calibrated at preference %s, the config's default is %s: values (and so the ratios)"
+                    " are on another scale at other preferences; set pacing.L / pacing.U to override",
+                    list(cal["preference"]),
+                    list(served),
+                )
+        else:
+            self.bounds, self.source = None, "estimated live"
+            logger.warning(
+                "pacing: neither pacing.L/U in the config nor a pacing calibration in the checkpoint (retrain with "
+                "`banditrouter train`): zcl keys pace with L, U estimated from the last %d paced decisions",
+                self.WINDOW,
+            )
+        self._seen: deque[np.ndarray] = deque(maxlen=self.WINDOW)
+        self._fitted = CostEstimator.from_dict(cal["cost_estimator"]) if cal.get("cost_estimator") else None
+        self._cfg_models, self._output_tokens = {m.name: m for m in cfg.models}, pc.output_tokens
+        self.estimator: CostEstimator | None = None
+        self.missing: tuple[str, ...] = ()
+        if not any(self._needs_replay_log(m) for m in self.models):
+            self.resolve()  # else on the first paced request (`resolve` may read a replay dataset's train log)
+
+    def _needs_replay_log(self, name: str) -> bool:
+        mc = self._cfg_models.get(name)
+        fitted = self._fitted is not None and name in self._fitted.models
+        return mc is not None and mc.backend == "replay" and mc.replay is not None and not fitted
+
+    @property
+    def ready(self) -> bool:
+        return self.estimator is not None
+
+    def resolve(self) -> None:
+        """Build the weights: per model, the first of (replay: checkpoint estimator, replay train log), prices,
+        checkpoint estimator that knows it."""
+        from banditrouter.pacing import CostEstimator
+
+        k_models = len(self.models)
+        base, per_char, missing, logs = np.zeros(k_models), np.zeros(k_models), [], {}
+        for k, name in enumerate(self.models):
+            mc, est = self._cfg_models.get(name), None
+            fitted = self._fitted if self._fitted is not None and name in self._fitted.models else None
+            if mc is not None and mc.backend == "replay":
+                est = fitted
+                if est is None and mc.replay is not None:
+                    key = (mc.replay.dataset, str(mc.replay.data_dir))
+                    if key not in logs:
+                        logs[key] = self._fit_replay(mc.replay)
+                    est = logs[key] if logs[key] is not None and name in logs[key].models else None
+            if est is None and mc is not None and mc.input_price_per_mtok is not None and mc.output_price_per_mtok is not None:
+                prices = {name: (mc.input_price_per_mtok, mc.output_price_per_mtok)}
+                est = CostEstimator.from_prices(prices, self._output_tokens)
+            est = est or fitted
+            if est is None:
+                missing.append(name)
+                continue
+            i = est.models.index(name)
+            base[k], per_char[k] = est.base_usd[i], est.per_char_usd[i]
+        self.missing = tuple(missing)
+        self.estimator = CostEstimator(self.models, base, per_char)
+        if missing:
+            logger.warning("pacing: no cost estimate for %s: zcl keys cannot be paced", missing)
+
+    @staticmethod
+    def _fit_replay(rc):
+        from banditrouter.data import load_dataset
+        from banditrouter.pacing import CostEstimator
+
+        try:
+            return CostEstimator.fit(load_dataset(rc.dataset, "train", data_dir=rc.data_dir))
+        except Exception as e:  # noqa: BLE001 (no data here: that model just has no weight)
+            logger.warning("pacing: could not fit costs on the replay dataset %s: %s", rc.dataset, e)
+            return None
+
+    def weights(self, prompt_chars: int) -> np.ndarray:
+        if self.estimator is None:
+            self.resolve()
+        if self.missing:
+            raise BackendError(
+                f"this key paces its budget, but the router has no cost estimate for {list(self.missing)}: give those"
+                " models input/output prices, or serve a checkpoint from `banditrouter train` (it stores the estimator)"
+            )
+        return self.estimator(int(prompt_chars))
+
+    def pace(self, policy, x: np.ndarray, pref, prompt_chars: int, z: float, allowed, explore: bool, rng):
+        """`banditrouter.pacing.pace` for one request with this replica's bounds and weights."""
+        from banditrouter.pacing import pace, ratio_bounds, ratios
+
+        w = self.weights(prompt_chars)
+        if self.bounds is not None:
+            L, U = self.bounds
+        else:
+            values = policy.values(x[None, :], np.asarray([pref], dtype=np.float64), explore=False)[0]
+            self._seen.append(ratios(values, w))
+            try:
+                L, U = ratio_bounds(np.stack(self._seen), np.ones((len(self._seen), len(w))), self.quantiles)
+            except ValueError:  # no positive ratio yet: nothing is eligible under any threshold
+                L, U = 1.0, 1.0
+        return pace(policy, x, np.asarray(pref), w, z, L, U, allowed=allowed, explore=explore, rng=rng)
+
+    def info(self) -> dict:
+        return {
+            "bounds": None if self.bounds is None else list(self.bounds),
+            "source": self.source,
+            "bins": self.bins,
+            "seen": len(self._seen),
+            "missing_weights": list(self.missing),
+        }
 
 
 @serve.deployment(name="router")
@@ -178,6 +341,7 @@ class Router:
             raise ValueError(f"policy {cfg.policy.checkpoint} routes to {missing}, which the pool does not serve")
         self.embedder = embedder
         self.models = models
+        self.pacer = LivePacer(cfg, self.policy.models, checkpoint_extra(cfg.policy.checkpoint))
         self.sink = make_sink(cfg.router.events_path)
         self.pool_version = text_key(",".join(sorted(models)))[:12]
         self.buffer = self.learner = self.shipper = None
@@ -294,9 +458,47 @@ class Router:
             except asyncio.TimeoutError:
                 pass
 
-    def _decide(self, x: np.ndarray, pref: tuple[float, float]):
-        d = self.policy.select(x[None, :], np.asarray([pref]), explore=self.cfg.policy.explore)
-        return d[0]
+    def _allowed(self, req: RouteRequest) -> np.ndarray | None:
+        """(K,) bool of the models `req.allowed_models` names (None: every model). BackendError (429) when
+        it names none of the pool's models: the ingress should have refused the request already."""
+        if req.allowed_models is None:
+            return None
+        names = set(req.allowed_models)
+        mask = np.array([m in names for m in self.policy.models])
+        if not mask.any():
+            raise BackendError("no model fits this request's budget", status=429, client_error=True)
+        return mask
+
+    def _decide(self, x: np.ndarray, req: RouteRequest):
+        """The policy's choice for one request: (arm, propensity, policy_version, pacing info or None).
+
+        Unrestricted and unpaced: `select`. Restricted to `req.allowed_models`: `fallback_probabilities` over
+        them (the policy's own rule restricted, with its true propensity). Paced (`req.pacing_z`): the ZCL rule
+        (`banditrouter.pacing.pace`) within the allowed models."""
+        explore = self.cfg.policy.explore
+        pref = np.asarray([req.preference], dtype=np.float64)
+        mask = self._allowed(req)
+        info = None if mask is None else {"allowed": int(mask.sum())}
+        if req.pacing_z is not None:
+            z = float(req.pacing_z)
+            if not np.isfinite(z):
+                raise ValueError(f"pacing_z must be finite, got {req.pacing_z!r}")
+            chars = len(req.prompt)
+            p = self.pacer.pace(self.policy, x, req.preference, chars, z, mask, explore, self.policy.rng)
+            info = {
+                **(info or {}),
+                "paced": True,
+                "pacing_z": z,
+                "eligible": int(p.eligible.sum()),
+                "fallback_cheapest": bool(p.fallback_cheapest),
+            }
+            return p.arm, p.propensity, self.policy.version, info
+        if mask is not None and not mask.all():
+            probs = self.policy.fallback_probabilities(x[None, :], pref, mask, explore=explore)[0]
+            arm = int(self.policy.rng.choice(len(probs), p=probs / probs.sum())) if explore else int(np.argmax(probs))
+            return arm, float(probs[arm]), self.policy.version, info
+        d = self.policy.select(x[None, :], pref, explore=explore)[0]
+        return d.arm, d.propensity, d.policy_version, info
 
     def _routing(self, decision_id: str, model: str, d, cost: float | None, failed: list[str] | None = None) -> dict:
         routing = {
@@ -309,6 +511,8 @@ class Router:
         }
         if failed:
             routing.update(fallback=True, failed_models=list(failed))
+        if getattr(d, "pacing", None):
+            routing.update(d.pacing)
         return routing
 
     def _emit(
@@ -362,6 +566,7 @@ class Router:
             answered_at=time.time(),  # _emit runs when the answer (or the failure) is out
             key_id=req.key_id,
             fallback=fallback,
+            **(getattr(d, "pacing", None) or {}),
         )
         events = [ev]
         if failed:
@@ -394,11 +599,17 @@ class Router:
     async def _prepare(self, req: RouteRequest):
         await self._ensure_sync()
         x, turn_x = await self._embed(req)
-        d = self._decide(x, req.preference)
+        await self._pacer_ready(req)
+        arm, propensity, version, pacing = self._decide(x, req)
         # stamped here, at the decision (FIFO: before the slot wait and the model call); the retrial window
         # itself runs from `answered_at` of one decision to `requested_at` of the next
-        routed = RoutedDecision(d.arm, d.propensity, d.policy_version, time=time.time(), turn_context=turn_x)
-        return x, routed, self.policy.models[d.arm], new_id()
+        routed = RoutedDecision(arm, propensity, version, time=time.time(), turn_context=turn_x, pacing=pacing)
+        return x, routed, self.policy.models[arm], new_id()
+
+    async def _pacer_ready(self, req: RouteRequest) -> None:
+        """The pacer's weights may need a replay dataset's train log: read once, off the event loop."""
+        if req.pacing_z is not None and not self.pacer.ready:
+            await asyncio.to_thread(self.pacer.resolve)
 
     def _completion_request(self, req: RouteRequest, x: np.ndarray) -> CompletionRequest:
         return CompletionRequest(
@@ -430,6 +641,10 @@ class Router:
         if self.pool is not None:
             await self._ensure_sync()
             x, turn_x = await self._embed(req)
+            if req.pacing_z is not None or req.allowed_models is not None:
+                async with self._restricted_pool_slot(req, x, turn_x) as got:
+                    yield got
+                return
             try:
                 grant = await self.pool.acquire(x, req.preference)
             except QueueFull:
@@ -463,6 +678,26 @@ class Router:
             yield x, dataclasses.replace(d, queue_wait_s=waited, queue_length=length), model, decision_id
         finally:
             await queue.__aexit__(None, None, None)
+
+    @contextlib.asynccontextmanager
+    async def _restricted_pool_slot(self, req: RouteRequest, x: np.ndarray, turn_x: np.ndarray | None):
+        """Pool path (queue-aware policy) for a request restricted to `allowed_models` or paced: the joint
+        schedule knows no per-request model set, so the request is decided at arrival like a FIFO one (the
+        same `_decide`) and takes a slot on its model at once; QueueFull (503 + Retry-After) when that model
+        has none free. It never waits in the pool, and never gets a model outside its allowed set."""
+        await self._pacer_ready(req)
+        arm, propensity, version, pacing = self._decide(x, req)
+        if self.pool.free()[arm] <= 0:
+            self.metrics.queue_full.inc()
+            raise QueueFull(f"model {self.policy.models[arm]!r} has no free slot for this budget-restricted request", 1)
+        self.pool.in_flight[arm] += 1
+        length = self.pool.waiting
+        grant = Grant(arm, propensity, version, 0.0, length)
+        d = RoutedDecision(
+            arm, propensity, version, time=time.time(), turn_context=turn_x, queue_wait_s=0.0, queue_length=length, pacing=pacing
+        )
+        async with self.pool.slot(grant):
+            yield x, d, self.policy.models[arm], new_id()
 
     def _fifo_waiting(self) -> int:
         return sum(q.waiting for q in self.queues.values())
@@ -556,8 +791,11 @@ class Router:
         `fallback_probabilities` over the models neither failed nor full (the argmax, propensity 1, when the
         policy is greedy), its slot entered into `slot`. None when no model is left."""
         models = self.policy.models
+        budget = self._allowed(call.req)
         while True:
             allowed = np.array([m not in call.failed and m not in call.skipped for m in models])
+            if budget is not None:  # never outside the models the request may use
+                allowed &= budget
             if self.pool is not None:
                 allowed &= self.pool.free() > 0
             if not allowed.any():
@@ -590,8 +828,20 @@ class Router:
                 turn_context=call.turn_context,
                 queue_wait_s=time.monotonic() - t0,
                 queue_length=length,
+                pacing=self._fallback_pacing(call.req, budget, int(allowed.sum())),
             )
             return model, d
+
+    @staticmethod
+    def _fallback_pacing(req: RouteRequest, budget: np.ndarray | None, candidates: int) -> dict | None:
+        """A fallback's pacing record: it is chosen by the policy among the allowed models not yet failed (the
+        ZCL rule picked the first model only); `eligible` counts those candidates."""
+        if req.pacing_z is None and req.allowed_models is None:
+            return None
+        info = {"allowed": int(budget.sum())} if budget is not None else {}
+        if req.pacing_z is not None:
+            info.update(paced=True, pacing_z=float(req.pacing_z), eligible=candidates, fallback_cheapest=False)
+        return info
 
     async def _open(self, req: RouteRequest, stream: bool) -> _Served:
         """Admission, then attempts (retries, fallbacks) until a model answers (for a stream: yields its first
@@ -680,6 +930,7 @@ class Router:
             "pool": self._pool_info(),
             "tau": self.policy.tau,
             "weights": dict(self.weights),
+            "pacing": self.pacer.info(),
             "delivery": self.shipper.stats() if self.shipper is not None else None,
             "replica": self._replica(),
             "time": time.time(),

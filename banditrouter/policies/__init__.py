@@ -22,6 +22,7 @@ POLICIES: dict[str, str] = {
     "cheapest": "banditrouter.policies.static:CheapestPolicy",
     "best_single": "banditrouter.policies.static:BestSinglePolicy",
     "supervised": "banditrouter.policies.supervised:SupervisedRouter",
+    "pilot": "banditrouter.policies.pilot:PILOT",
 }
 """Every policy `train`/`eval` know. The per-prompt oracle is a reference computed from the full table in
 `banditrouter.evaluation` (it needs the outcomes it is choosing among, so it cannot be a policy)."""
@@ -52,9 +53,9 @@ def make_policy(name: str, models: Sequence[str], context_dim: int, tau: float, 
 
 def untrained_like(policy: Policy, seed: int = 0) -> Policy:
     """A fresh policy of the same kind, pool, context width, tau and config (a cold start, or the shell a
-    router loads pushed weights into). A learned projection is kept (its arrays copied): it is a fixed part of
-    the policy's input, not something the policy learned online."""
-    extra = {"features": policy.projection.copy()} if policy.projection is not None else {}
+    router loads pushed weights into). Fixed inputs (`Policy.fixed_kwargs`: a learned projection, PILOT's prior)
+    are kept (their arrays copied): they are part of the policy's input, not something it learned online."""
+    extra = policy.fixed_kwargs()
     return make_policy(policy.name, policy.models, policy.context_dim, policy.tau, seed=seed, **extra, **policy._config())
 
 

@@ -171,6 +171,11 @@ class Policy(ABC):
         most `free[k]` times, and work-conserving (serve while both jobs and slots remain)."""
         raise NotImplementedError(f"{self.name} is not queue-aware: serve it FIFO per model through select()")
 
+    def fixed_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments that are fixed inputs of the policy, not learned online (copies): what a cold
+        copy (`untrained_like`) keeps. The base: a learned projection (`features`); PILOT adds its prior."""
+        return {"features": self.projection.copy()} if self.projection is not None else {}
+
     def take_random_state(self, other: Policy) -> None:
         """Continue `other`'s random streams (a router installing new weights): re-seeding on every version
         would replay the same exploration draws after each install."""

@@ -14,8 +14,15 @@ Key store (YAML or JSON, written by `banditrouter keys create`):
       - id: team-a                      # public name: logs, metrics, budgets, the decision's owner
         hash: "sha256:<64 hex>"
         scopes: [route]                 # route: chat, models, feedback on its own decisions; admin: everything
-        budget: {usd: 5.0, period: day} # optional: hour | day | week | month | total
+        budget: {usd: 5.0, period: day} # optional: hour | day | week | month | total | "<N>s" (N >= 10)
         rate_limit_per_min: 60          # optional
+      - id: team-b
+        hash: "sha256:<64 hex>"
+        scopes: [route]
+        budget: {usd: 20.0, period: week, pacing: zcl}  # pacing: hard (default: 429 at the limit) | zcl
+
+`pacing: zcl` paces a routed request's model choice so the budget lasts the period (deployments/gateway/budgets.py,
+banditrouter/pacing.py); it needs a period that ends (not total).
 
 loaded from `gateway.auth.keys_file` and/or the text of the environment variable `gateway.auth.keys_env`
 (both: merged; an id or a hash in both is refused). The file is re-read when it changes (checked at most
@@ -43,6 +50,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deployments.gateway.errors import ApiError
+from deployments.gateway.periods import CALENDAR_PERIODS, PERIOD_HELP, check_period
 
 if TYPE_CHECKING:
     from banditrouter.config import AuthConfig
@@ -50,7 +58,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCOPES = ("route", "admin")
-PERIODS = ("hour", "day", "week", "month", "total")
+PERIODS = CALENDAR_PERIODS
+PACING = ("hard", "zcl")
 KEY_PREFIX = "br-"
 MAX_KEY_CHARS = 512
 """A presented key longer than this is refused without hashing it."""
@@ -62,7 +71,10 @@ MAX_KEY_CHARS = 512
 @dataclass(frozen=True)
 class Budget:
     usd: float
-    period: Literal["hour", "day", "week", "month", "total"]
+    period: str
+    """hour | day | week | month | total | "<N>s" (deployments/gateway/periods.py)."""
+    pacing: Literal["hard", "zcl"] = "hard"
+    """hard: 429 at the limit; zcl: routed requests are paced (ZCL knapsack) so the budget lasts the period."""
 
 
 @dataclass(frozen=True)
@@ -92,8 +104,11 @@ class KeyStoreError(ValueError):
 
 class _BudgetIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    usd: float = Field(..., ge=0, description="Hard limit on spend per period, USD.")
-    period: Literal["hour", "day", "week", "month", "total"] = Field(..., description="Budget window.")
+    usd: float = Field(..., ge=0, description="Limit on spend per period, USD (never exceeded, either pacing).")
+    period: str = Field(..., description=f"Budget window: {PERIOD_HELP}.")
+    pacing: Literal["hard", "zcl"] = Field(
+        "hard", description="hard: 429 at the limit; zcl: pace routed requests so the budget lasts the period."
+    )
 
     @field_validator("usd")
     @classmethod
@@ -102,18 +117,30 @@ class _BudgetIn(BaseModel):
             raise ValueError("must be a finite number")
         return v
 
+    @field_validator("period")
+    @classmethod
+    def _period(cls, v: str) -> str:
+        return check_period(v)
+
+    @model_validator(mode="after")
+    def _zcl_needs_an_end(self):
+        if self.pacing == "zcl" and self.period == "total":
+            raise ValueError("pacing zcl needs a period that ends (hour, day, week, month or '<N>s'); 'total' never does")
+        return self
+
 
 class KeyEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Public key id.")
     hash: str = Field(..., pattern=r"^sha256:[0-9a-f]{64}$", description="sha256 of the key, 'sha256:<hex>'.")
     scopes: list[Literal["route", "admin"]] = Field(..., min_length=1, description="What the key may do.")
-    budget: _BudgetIn | None = Field(None, description="Hard spend limit per period.")
+    budget: _BudgetIn | None = Field(None, description="Spend limit per period, and how it is kept (pacing).")
     rate_limit_per_min: int | None = Field(None, ge=1, description="Requests per minute.")
     created: str | None = Field(None, description="When `keys create` made it (informational).")
 
     def principal(self) -> Principal:
-        budget = Budget(self.budget.usd, self.budget.period) if self.budget is not None else None
+        b = self.budget
+        budget = Budget(b.usd, b.period, b.pacing) if b is not None else None
         return Principal(self.id, frozenset(self.scopes), budget, self.rate_limit_per_min)
 
 
@@ -205,10 +232,15 @@ def create_key(
     *,
     budget_usd: float | None = None,
     period: str = "day",
+    pacing: str = "hard",
     rate_limit_per_min: int | None = None,
 ) -> tuple[str, KeyEntry]:
     """Make a key, append its hash to the store at `path` (created if missing) and return (key, entry).
     The key itself is returned once and stored nowhere."""
+    if pacing not in PACING:
+        raise KeyStoreError(f"invalid key: pacing must be one of {PACING}, got {pacing!r}")
+    if budget_usd is None and pacing != "hard":
+        raise KeyStoreError(f"pacing {pacing!r} paces a budget: give the key one (--budget-usd)")
     entries = read_key_file(path)
     if any(e.id == key_id for e in entries):
         raise KeyStoreError(f"{path}: a key with id {key_id!r} already exists (revoke it first, or pick another id)")
@@ -221,7 +253,7 @@ def create_key(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if budget_usd is not None:
-        raw["budget"] = {"usd": budget_usd, "period": period}
+        raw["budget"] = {"usd": budget_usd, "period": period, "pacing": pacing}
     try:
         entry = KeyEntry.model_validate(raw)
     except ValidationError as e:

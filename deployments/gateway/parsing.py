@@ -171,8 +171,14 @@ class PreferenceIn(BaseModel):
 
 
 class RoutingIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     preference: PreferenceIn | None = None
+    max_cost_usd: float | None = Field(
+        None,
+        gt=0,
+        strict=True,
+        description="The most this request may cost, USD: models whose maximum cost for it is higher are not used.",
+    )
 
 
 class MessageIn(BaseModel):
@@ -243,6 +249,10 @@ class ChatRequest(BaseModel):
     def preference(self, default: tuple[float, float]) -> tuple[float, float]:
         pref = self.routing.preference if self.routing else None
         return default if pref is None else pref.normalised()
+
+    def max_cost_usd(self) -> float | None:
+        """`routing.max_cost_usd`: a positive finite number (the schema refuses anything else), or None."""
+        return self.routing.max_cost_usd if self.routing else None
 
     def passthrough(self) -> dict[str, Any] | None:
         """The passthrough fields the request set (n = 1 is every backend's default and is not forwarded)."""

@@ -350,3 +350,110 @@ def test_gate_rejects_a_non_finite_maximum(tmp_path):
     gate = Gate(cfg_for(tmp_path), ledger=Unreachable(), metrics=RecordingMetrics())
     with pytest.raises(ValueError, match="max_cost_usd"):
         asyncio.run(gate.admit(Principal("k", frozenset({"route"}), Budget(1.0, "day"), None), float("inf")))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# "<N>s" periods (issue 12: demos and tests of pacing)
+# ---------------------------------------------------------------------------------------------------------
+def test_custom_periods_are_epoch_aligned_and_bad_ones_are_refused():
+    assert period_bounds("300s", 1_000_000_123.4) == (1_000_000_200.0 - 300, 1_000_000_200.0)
+    assert period_bounds("10s", 20.0) == (20.0, 30.0)  # a boundary starts a period
+    assert period_bounds("86400s", T0) == period_bounds("day", T0)  # the same slices as the UTC day
+    for bad, why in (("9s", "too short"), ("0s", "too short"), ("5m", "unknown"), ("s", "unknown"), ("-30s", "unknown")):
+        with pytest.raises(ValueError, match=why):
+            period_bounds(bad, T0)
+
+
+def test_a_custom_period_budget_is_charged_and_rolls_over(ledger):
+    t = 1_800_000_000.0  # a multiple of 300: a period starts here
+    assert ledger.admit("r1", "k", 1.0, "300s", None, 0.8, now=t + 10)["ok"]
+    ledger.settle("r1", 0.8, now=t + 20)
+    out = ledger.admit("r2", "k", 1.0, "300s", None, 0.5, now=t + 30)
+    assert out["code"] == "budget_exceeded" and out["retry_after_s"] == pytest.approx(270.0)
+    assert "this 300 s period" in out["message"]
+    assert ledger.usage("k", "300s", now=t + 299)["spent"] == pytest.approx(0.8)
+    # the next 300 s period starts from zero; the calendar periods keep counting both
+    nxt = ledger.admit("r3", "k", 1.0, "300s", None, 0.5, now=t + 300)
+    assert nxt["ok"] and nxt["spent"] == 0.0 and nxt["period_start"] == t + 300 and nxt["period_end"] == t + 600
+    ledger.settle("r3", 0.25, now=t + 301)
+    assert ledger.usage("k", "300s", now=t + 301)["spent"] == pytest.approx(0.25)
+    assert ledger.usage("k", "total", now=t + 301)["spent"] == pytest.approx(1.05)
+
+
+def test_an_expired_reservation_is_charged_to_its_custom_period_too(tmp_path):
+    led = Ledger(tmp_path / "ledger.sqlite", reservation_ttl_s=30.0)
+    t = 1_800_000_000.0
+    assert led.admit("r1", "k", 1.0, "600s", None, 0.4, now=t)["ok"]
+    u = led.usage("k", "600s", now=t + 31)  # never settled: charged at its maximum, in its own period
+    assert u["spent"] == pytest.approx(0.4) and u["reserved"] == 0.0
+    led.close()
+
+
+def test_ended_custom_periods_are_pruned_but_the_current_one_is_kept(tmp_path):
+    led = Ledger(tmp_path / "ledger.sqlite", reservation_ttl_s=30.0)
+    t = 1_800_000_000.0
+    for i, at in enumerate((t, t + 400.0)):
+        assert led.admit(f"r{i}", "k", 10.0, "20s", None, 0.1, now=at)["ok"]
+        led.settle(f"r{i}", 0.1, now=at)
+    rows = led.db.execute("SELECT start FROM totals WHERE period = '20s'").fetchall()
+    assert rows == [(t + 400.0,)]  # the period that ended 380 s ago (> 2 TTLs) is gone
+    assert led.usage("k", "20s", now=t + 401)["spent"] == pytest.approx(0.1)
+    led.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a ledger file from before issue 12
+# ---------------------------------------------------------------------------------------------------------
+PREVIOUS_SCHEMA = """
+CREATE TABLE totals (
+    key_id TEXT NOT NULL, period TEXT NOT NULL, start REAL NOT NULL, usd REAL NOT NULL,
+    PRIMARY KEY (key_id, period, start)
+);
+CREATE TABLE reservations (
+    id TEXT PRIMARY KEY, key_id TEXT NOT NULL, t REAL NOT NULL, max_usd REAL NOT NULL,
+    expires REAL NOT NULL, state TEXT NOT NULL
+);
+CREATE INDEX reservations_key ON reservations (key_id, state, t);
+CREATE INDEX reservations_expiry ON reservations (state, expires);
+CREATE TABLE hits (id TEXT PRIMARY KEY, key_id TEXT NOT NULL, t REAL NOT NULL);
+CREATE INDEX hits_key ON hits (key_id, t);
+"""
+"""The ledger's schema as committed before issue 12 (63ee2a6), verbatim."""
+
+
+def test_a_ledger_file_from_the_previous_schema_is_migrated_in_place(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "ledger.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(PREVIOUS_SCHEMA)
+    day = period_bounds("day", T0)[0]
+    db.executemany(
+        "INSERT INTO totals VALUES (?, ?, ?, ?)",
+        [("k", p, period_bounds(p, T0)[0], 0.3) for p in ("hour", "day", "week", "month", "total")],
+    )
+    db.execute("INSERT INTO reservations VALUES ('old', 'k', ?, 0.2, ?, 'open')", (T0, T0 + 600))
+    db.execute("INSERT INTO hits VALUES ('old', 'k', ?)", (T0,))
+    db.commit()
+    db.close()
+
+    led = Ledger(path)
+    cols = {row[1] for row in led.db.execute("PRAGMA table_info(reservations)")}
+    assert {"period", "models"} <= cols
+    assert led.db.execute("SELECT name FROM sqlite_master WHERE name = 'bin_starts'").fetchone()
+    u = led.usage("k", "day", now=T0 + 1)  # the old rows read as before
+    assert (u["spent"], u["reserved"], u["period_start"]) == (pytest.approx(0.3), pytest.approx(0.2), day)
+    assert led.admit("old", "k", 1.0, "day", None, 0.2, now=T0 + 1)["ok"]  # idempotent on an old reservation id
+    assert led.settle("old", 0.1, now=T0 + 2)["status"] == "settled"  # an old reservation (period NULL) settles
+    assert led.usage("k", "total", now=T0 + 2)["spent"] == pytest.approx(0.4)
+    assert led.admit("new", "k", 1.0, "300s", None, 0.2, now=T0 + 3)["ok"]  # the new columns are used
+    assert led.db.execute("SELECT period FROM reservations WHERE id = 'new'").fetchone() == ("300s",)
+    led.close()
+    led = Ledger(path)  # opening a migrated file again changes nothing
+    assert led.usage("k", "day", now=T0 + 3) == {
+        "spent": pytest.approx(0.4),
+        "reserved": pytest.approx(0.2),
+        "period_start": day,
+        "period_end": period_bounds("day", T0)[1],
+    }
+    led.close()
