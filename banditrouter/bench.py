@@ -48,8 +48,12 @@ def raw_embedder(cfg: AppConfig, prompts: list[str], single: int = 100) -> dict:
 
     from banditrouter.embeddings import Embedder
 
-    torch.set_num_threads(embedder_threads(cfg))
-    emb = Embedder(device="cpu", batch_size=cfg.embedder.batch_size, cache=False)
+    threads = embedder_threads(cfg)
+    torch.set_num_threads(threads)
+    # the same backend the embedder deployment runs (embedder.backend), so routed / raw compares like with like
+    emb = Embedder(
+        device="cpu", batch_size=cfg.embedder.batch_size, cache=False, backend=cfg.embedder.backend, num_threads=threads
+    )
     emb.encode(prompts[:8])  # load and warm up
     t0 = time.perf_counter()
     emb.encode(prompts)
@@ -147,6 +151,7 @@ def run_bench(
         "distinct_prompts": len(prompts),
         "embedder_threads": embedder_threads(cfg),
         "embedder_batch_size": cfg.embedder.batch_size,
+        "embedder_backend": cfg.embedder.backend,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
     }
     result.update(raw_embedder(cfg, prompts))

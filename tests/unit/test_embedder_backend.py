@@ -133,3 +133,25 @@ def test_padding_does_not_change_an_embedding(exported):
     alone = e.encode([PROMPTS[0]])
     batched = e.encode([PROMPTS[0], PROMPTS[1] * 5])
     np.testing.assert_allclose(batched[0], alone[0], atol=1e-5)
+
+
+def test_the_bench_measures_the_raw_embedder_with_the_configured_backend(monkeypatch):
+    """routed / raw must compare like with like: `banditrouter bench` used torch whatever embedder.backend said."""
+    import banditrouter.embeddings as embeddings
+    from banditrouter.bench import raw_embedder
+    from banditrouter.config import load_config
+
+    made = []
+
+    class Recording:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+        def encode(self, texts):
+            return np.zeros((len(texts), 384), dtype=np.float32)
+
+    monkeypatch.setattr(embeddings, "Embedder", Recording)
+    cfg = load_config({"embedder": {"backend": "onnx-int8", "num_threads": 2}, "models": [{"name": "a"}, {"name": "b"}]})
+    out = raw_embedder(cfg, ["a", "b", "c"], single=2)
+    assert made and made[0]["backend"] == "onnx-int8" and made[0]["num_threads"] == 2
+    assert out["raw_embedder_rps"] > 0
