@@ -524,7 +524,10 @@ def budget_eval(
     )
     for b, v in c.get("pilot_vs_linucb", {}).items():
         console.print(f"budget {b}: pilot {v['pilot']:.3f} vs linucb {v['linucb']:.3f} ({v['difference']:+.3f})")
-    console.print(f"wrote {out}/budget.json, budget_frontier.png, learning_curves.png in {res.seconds:.0f}s")
+    written = ", ".join(
+        f.name for f in (out / "budget.json", out / "budget_frontier.png", out / "learning_curves.png") if f.exists()
+    )
+    console.print(f"wrote {written} in {out} in {res.seconds:.0f}s")
 
 
 @data_app.command("fetch")

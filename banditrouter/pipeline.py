@@ -270,7 +270,13 @@ def pacing_calibration(policy: Policy, tuning: Split, preference: tuple[float, f
     order = [est.models.index(m) for m in policy.models]
     weights = est([len(q) for q in tuning.log.prompts])[:, order]
     values = policy.values(tuning.contexts, np.tile(np.asarray(pref, dtype=np.float64), (len(tuning.contexts), 1)))
-    L, U = ratio_bounds(values, weights, tuple(quantiles or DEFAULT_LU_QUANTILES))
+    try:
+        L, U = ratio_bounds(values, weights, tuple(quantiles or DEFAULT_LU_QUANTILES))
+    except ValueError as e:  # no positive value anywhere (random, cheapest, an untrained linear policy)
+        import logging
+
+        logging.getLogger(__name__).warning("pacing calibration: %s; the router will estimate L and U live", e)
+        L = U = None
     return {"L": L, "U": U, "preference": list(pref), "cost_estimator": est.to_dict()}
 
 

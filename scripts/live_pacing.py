@@ -2,7 +2,7 @@
 same short period) under the same open-loop traffic for one whole period, through the real HTTP API of the replay
 app (in-process Ray, every socket on 127.0.0.1).
 
-    flock /tmp/ray.lock timeout 600 .venv/bin/python scripts/live_pacing.py          # ~6 minutes
+    flock /tmp/ray.lock timeout 600 .venv/bin/python scripts/live_pacing.py          # ~4.5 minutes
     flock /tmp/ray.lock timeout 600 .venv/bin/python scripts/live_pacing.py --rate 2 --period-range 120 150
 
 Steps: train the policy (LinUCB by default) on the RouterBench train split restricted to a five-model pool, with

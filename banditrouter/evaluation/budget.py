@@ -443,10 +443,14 @@ def _trained_policy(
 ):
     """Train (or load from `cache`) the policy `name` on the train split."""
     from banditrouter.pipeline import train_one
-    from banditrouter.policies import load_checkpoint, save_checkpoint
+    from banditrouter.policies import load_checkpoint, make_policy, save_checkpoint
 
+    # the policy's settings as this code builds it (defaults included): a checkpoint cached under other settings
+    # (e.g. before a default changed) is trained again, not loaded silently
+    settings = make_policy(name, train.log.models, train.contexts.shape[1], tau, seed=seed)._config()
     meta = {
         "policy": name,
+        "config": json.loads(json.dumps(settings, default=str)),
         "n_train": len(train.log),
         "models": list(train.log.models),
         "seed": seed,
@@ -590,7 +594,8 @@ def run_budget_eval(
             order = np.random.default_rng(seed).permutation(n)
             budget_usd = frac * ref_spend
             t = time.perf_counter()
-            rng = np.random.default_rng([seed, BUDGET_POLICIES.index(name), budgets.index(frac)])
+            # keyed by the budget's value, not its place in --budgets: a run does not depend on the other budgets
+            rng = np.random.default_rng([seed, BUDGET_POLICIES.index(name), int(round(frac * 1e6))])
             if name in templates:
                 policy = copy.deepcopy(templates[name])
                 policy.rng = np.random.default_rng([seed, 1 + BUDGET_POLICIES.index(name)])

@@ -214,3 +214,20 @@ def test_cli_reports_bad_input_without_a_traceback():
         res = runner.invoke(app, ["budget-eval", *argv])
         assert res.exit_code == 2, res.output
         assert message in " ".join(res.output.split())
+
+
+def test_a_cached_checkpoint_trained_under_other_settings_is_trained_again(tmp_path):
+    """The cache compared name, data, seed, epochs and tau only: after a default changed (PILOT's ridge and
+    alpha did), the old checkpoint was loaded silently and the report described settings it did not use."""
+    _, train, _ = _stream(60)
+    logs: list[str] = []
+    kw = dict(seed=0, tau=1.0, cache=tmp_path, epochs=None, retrain=False, progress=False, log_fn=logs.append)
+    be._trained_policy("pilot", train, **kw)
+    be._trained_policy("pilot", train, **kw)
+    assert "loaded" in logs[-1]
+    side = tmp_path / "pilot-seed0.json"
+    meta = json.loads(side.read_text())
+    meta["config"]["ridge"] = 5.0  # as if cached by code whose default ridge was 5
+    side.write_text(json.dumps(meta))
+    be._trained_policy("pilot", train, **kw)
+    assert "trained" in logs[-1] and "loaded" not in logs[-1]

@@ -246,3 +246,17 @@ def test_train_stores_a_pacing_calibration(tmp_path):
     cal = pacing_calibration(pol, Split(log, x), preference=(1.0, 0.0))
     assert 0 < cal["L"] <= cal["U"] and cal["preference"] == [1.0, 0.0]
     assert cal["cost_estimator"]["models"] == list(log.models)
+
+
+@pytest.mark.parametrize("name", ["random", "cheapest"])
+def test_a_policy_without_positive_values_trains_and_leaves_l_and_u_to_the_router(tmp_path, name):
+    """`banditrouter train --policy random` failed after training: the calibration raised on a policy whose values
+    are never positive, and the checkpoint was not written."""
+    from factories import synthetic_problem
+
+    from banditrouter.pipeline import Split, pacing_calibration, train_one
+
+    x, log, _, _, _ = synthetic_problem(D, 3)
+    pol = train_one(name, Split(log, x), seed=0, progress=False)
+    cal = pacing_calibration(pol, Split(log, x))
+    assert cal["L"] is None and cal["U"] is None and cal["cost_estimator"]["models"] == list(log.models)
