@@ -386,9 +386,8 @@ class Ledger:
     ) -> dict[str, Any]:
         """Admit one routed request of a `zcl` key, given each model's cost bound for it, or refuse it.
 
-        Affordable models: settled + reserved + bound_m <= budget, and, while other reservations are open,
-        bound_m <= reserve_share x that headroom (budget - settled - reserved); when no model passes the share, the
-        cheapest that fits. None: {"ok": False, "code":
+        Affordable models: settled + reserved + bound_m <= budget, and bound_m <= reserve_share x that headroom
+        (budget - settled - reserved); when no model passes the share, the cheapest that fits. None: {"ok": False, "code":
         "budget_exceeded", ...} judged as `admit` would judge the cheapest bound. Else reserves max(bound over
         the affordable models) and answers {"ok": True, "allowed": [models, in `bounds` order], "max_cost",
         "spent", "reserved" (with this reservation), "budget", "period_start", "period_end", "n_bins", "bin",
@@ -439,11 +438,7 @@ class Ledger:
         # one request may tie up at most `share` of the headroom, so requests in flight together leave room for more
         # (n of them reserve at most 1 - (1 - share)^n of it): without this, a few concurrent requests that could
         # each reach a dear model reserve the whole budget and the next one is refused while little is spent
-        # (with nothing in flight a request may use every model that fits: the rule only shares the headroom)
-        if reserved <= _EPS:
-            allowed = fits
-        else:
-            allowed = [m for m in fits if bounds[m] <= share * headroom + _EPS] or [min(fits, key=bounds.__getitem__)]
+        allowed = [m for m in fits if bounds[m] <= share * headroom + _EPS] or [min(fits, key=bounds.__getitem__)]
         max_cost = max(bounds[m] for m in allowed)
         self.db.execute("INSERT INTO hits (id, key_id, t) VALUES (?, ?, ?)", (rid, key_id, now))
         self._reserve(rid, key_id, now, max_cost, period, allowed)
