@@ -60,19 +60,23 @@ class DisjointLinear(Policy):
         r = batch.rewards(self.tau)
         for a in np.unique(batch.arms):
             m = batch.arms == a
-            X, y = phi[m], r[m]
-            self.A[a] += X.T @ X
-            self.b[a] += X.T @ y
-            self._since_refresh[a] += 1
-            if self._since_refresh[a] >= self.config.refresh_every:
-                self.A_inv[a] = np.linalg.inv(self.A[a])
-                self._since_refresh[a] = 0
-            else:  # Woodbury: (A + X^T X)^-1 = A^-1 - A^-1 X^T (I + X A^-1 X^T)^-1 X A^-1
-                AX = self.A_inv[a] @ X.T
-                self.A_inv[a] -= AX @ np.linalg.solve(np.eye(len(X)) + X @ AX, AX.T)
-            self.theta[a] = self.A_inv[a] @ self.b[a]
+            self._update_arm(a, phi[m], r[m])
         self.version += 1
         return {"mean_reward": float(r.mean()) if len(r) else 0.0}
+
+    def _update_arm(self, a: int, X: np.ndarray, y: np.ndarray) -> None:
+        """The ridge statistics of arm a after samples (X, y): A_a += X^T X, b_a += X^T y, A_a^-1 by Woodbury (or
+        exactly every `refresh_every` updates), theta_a = A_a^-1 b_a."""
+        self.A[a] += X.T @ X
+        self.b[a] += X.T @ y
+        self._since_refresh[a] += 1
+        if self._since_refresh[a] >= self.config.refresh_every:
+            self.A_inv[a] = np.linalg.inv(self.A[a])
+            self._since_refresh[a] = 0
+        else:  # Woodbury: (A + X^T X)^-1 = A^-1 - A^-1 X^T (I + X A^-1 X^T)^-1 X A^-1
+            AX = self.A_inv[a] @ X.T
+            self.A_inv[a] -= AX @ np.linalg.solve(np.eye(len(X)) + X @ AX, AX.T)
+        self.theta[a] = self.A_inv[a] @ self.b[a]
 
     # -- state ------------------------------------------------------------------------------------------
     def _params(self):

@@ -173,17 +173,7 @@ class PILOT(DisjointLinear):
         c = normalised_cost(batch.costs, self.tau)
         for a in np.unique(batch.arms):
             m = batch.arms == a
-            X = phi[m]
-            self.A[a] += X.T @ X
-            self.b[a] += X.T @ y[m]
-            self._since_refresh[a] += 1
-            if self._since_refresh[a] >= self.config.refresh_every:
-                self.A_inv[a] = np.linalg.inv(self.A[a])
-                self._since_refresh[a] = 0
-            else:  # Woodbury: (A + X^T X)^-1 = A^-1 - A^-1 X^T (I + X A^-1 X^T)^-1 X A^-1
-                AX = self.A_inv[a] @ X.T
-                self.A_inv[a] -= AX @ np.linalg.solve(np.eye(len(X)) + X @ AX, AX.T)
-            self.theta[a] = self.A_inv[a] @ self.b[a]
+            self._update_arm(a, phi[m], y[m])
             self.cost_sum[a] += float(c[m].sum())
             self.cost_count[a] += float(m.sum())
         self.version += 1
