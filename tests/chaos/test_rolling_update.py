@@ -49,8 +49,8 @@ def test_rolling_update_under_load_drops_nothing(pool_app, fresh_upstream, upstr
     assert "extra" in after, ("the changed config is not what serves", after)
     # Nothing dropped: no connection error, no 502/503, no stream cut. A 504 is a request that ran past the old
     # config's 3 s model timeout while the new replicas started on the same 2 cores (they import torch): the
-    # update's CPU load, answered as configured, not a drop. A fresh-clone CI run saw one such 504 of 530 (another
-    # run failed here too), with the fake upstream at 0.2 s; at most 1% is allowed.
+    # update's CPU load, answered as configured, not a drop. Two fresh-clone CI runs saw one such 504 each (of 530
+    # and of 511), with the fake upstream at 0.2 s; at most 1% is allowed.
     dropped = {k: v for k, v in stats["non_2xx_by"].items() if k != "504"}
     assert not dropped, stats
     assert stats["non_2xx_by"].get("504", 0) <= 0.01 * stats["requests"], stats
