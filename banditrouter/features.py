@@ -116,11 +116,7 @@ class Projection:
 
     def apply(self, contexts: np.ndarray) -> np.ndarray:
         """(n, in_dim) raw embeddings -> (n, out_dim) unit-norm float32 features."""
-        x = np.asarray(contexts, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != self.in_dim:
-            raise ValueError(f"the projection takes contexts of shape (n, {self.in_dim}), got {x.shape}")
-        z = x @ self.W.T + self.b
-        return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        return unit_affine(contexts, self.W, self.b, "the projection")
 
     def copy(self) -> Projection:
         return Projection(self.W.copy(), self.b.copy(), json.loads(json.dumps(self.meta)))
@@ -177,6 +173,16 @@ class Projection:
 # ========================================================================================================
 # ALGO LOGIC: the contrastive objective
 # ========================================================================================================
+def unit_affine(contexts: np.ndarray, W: np.ndarray, b: np.ndarray, what: str) -> np.ndarray:
+    """normalise(W x + b) per row, float32: a learned projection's features (Projection.apply) and PILOT's
+    query vectors (PreferencePrior.embed). `what` names the caller in the shape error."""
+    x = np.asarray(contexts, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != W.shape[1]:
+        raise ValueError(f"{what} takes contexts of shape (n, {W.shape[1]}), got {x.shape}")
+    z = x @ W.T + b
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
 def success_directions(scores: np.ndarray) -> np.ndarray:
     """u_i / |u_i| with u_i = s_i - mean(s): each prompt's success pattern relative to each model's mean
     (missing cells count as the mean). t_ij = their dot product. A prompt whose every score equals the

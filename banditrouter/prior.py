@@ -167,11 +167,9 @@ class PreferencePrior:
     # -- the model ------------------------------------------------------------------------------------------
     def embed(self, contexts: np.ndarray) -> np.ndarray:
         """(n, in_dim) raw embeddings -> (n, dim) psi(x) / |psi(x)|: the unit query vectors."""
-        x = np.asarray(contexts, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != self.in_dim:
-            raise ValueError(f"the prior takes contexts of shape (n, {self.in_dim}), got {x.shape}")
-        z = x @ self.W.T + self.b
-        return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        from banditrouter.features import unit_affine
+
+        return unit_affine(contexts, self.W, self.b, "the prior")
 
     def unit_theta(self) -> np.ndarray:
         """(K, dim) theta_a / |theta_a| (a zero vector stays zero)."""
