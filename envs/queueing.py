@@ -24,6 +24,12 @@ defined:
 
     rho = lambda / mu_sat,  mu_sat = departures per step of the theta*-oracle with a saturated queue,
 
+where the theta*-oracle ranks (job, model) pairs by mu(z^T theta*_k), theta* fitted per model on the full
+table in both satisfaction models (`QueueTable.oracle_success`). In `logistic` mode that is the truth; in
+`logged` mode it is the best per-model logistic scorer on the policies' features, so the oracle, like the
+learners, does not know a prompt's own 0/1 outcome (a clairvoyant ranking by that outcome sustains a higher
+rate than any policy of this class can: queue-eval's `clairvoyant` reference),
+
 estimated by Monte Carlo (`service_rate`): a closed system holds `population` jobs (default 4 x the total
 capacity, so every slot is busy every step and the oracle has a choice); each departure (satisfied or
 abandoned) is replaced at once by a fresh job drawn from the table. Because replacements follow the table's
@@ -382,6 +388,8 @@ class QueueingEnv(gym.Env):
     # -- construction from a table ----------------------------------------------------------------------
     @classmethod
     def from_table(cls, table: QueueTable, **kwargs: Any) -> QueueingEnv:
+        """The env over `table`; with a load, mu_sat is the theta*-oracle's (it ranks by `oracle_success`)."""
+        kwargs.setdefault("utility", table.oracle_success)
         return cls(table.contexts, table.success, table.costs, models=table.models, **kwargs)
 
     @property
@@ -577,11 +585,20 @@ class QueueTable:
     tau: float
     """The policies' cost scale: the cost_scale quantile of the training log's per-call cost."""
     theta: np.ndarray | None = None
-    """theta* (K, f + 1) for `logistic` satisfaction."""
+    """theta* (K, f + 1), fitted on the full table in both satisfaction models (None for a table built
+    without it: then the oracle knows `success` itself)."""
     features: str = "none"
     name: str = ""
     n_fit: int = 0
-    """Rows theta* was fitted on (the full table) for `logistic`."""
+    """Rows theta* was fitted on (the full table)."""
+    belief: np.ndarray | None = None
+    """(n, K) what the theta*-oracle knows: mu(z^T theta*_k). In `logistic` mode it is `success`; in `logged`
+    mode it is the best per-model logistic scorer on these features, not the prompt's 0/1 outcome."""
+
+    @property
+    def oracle_success(self) -> np.ndarray:
+        """The success probabilities the theta*-oracle ranks by (and the routing regret counts)."""
+        return self.success if self.belief is None else self.belief
 
 
 def table_from_arrays(
@@ -599,24 +616,21 @@ def table_from_arrays(
     features: str = "none",
     name: str = "",
 ) -> QueueTable:
-    """`logged`: success = the pool's scores (missing cells: the model's mean). `logistic`: theta* fitted on
-    (fit_features, fit_scores) (default: the pool itself), success = mu([pool_features, 1] theta*)."""
+    """theta* is fitted on (fit_features, fit_scores) (default: the pool itself) in both models, and the
+    theta*-oracle knows mu([pool_features, 1] theta*) (`belief`). `logged`: success = the pool's scores
+    (missing cells: the model's mean), so the oracle does not know a prompt's own outcome. `logistic`:
+    success = the oracle's belief (the realizable case)."""
     if satisfaction not in SATISFACTION_MODELS:
         raise ValueError(f"satisfaction must be one of {SATISFACTION_MODELS}, got {satisfaction!r}")
     costs = fill_missing(pool_costs, "costs")
     pool_features = pool_contexts if pool_features is None else pool_features
-    theta = None
-    if satisfaction == "logged":
-        success = fill_missing(pool_scores, "scores")
-        n_fit = 0
-    else:
-        fx = pool_features if fit_features is None else fit_features
-        fs = pool_scores if fit_scores is None else fit_scores
-        theta = fit_satisfaction(fx, fs, reg)
-        success = logistic_success(pool_features, theta)
-        n_fit = len(fx)
+    fx = pool_features if fit_features is None else fit_features
+    fs = pool_scores if fit_scores is None else fit_scores
+    theta = fit_satisfaction(fx, fs, reg)
+    belief = logistic_success(pool_features, theta)
+    success = fill_missing(pool_scores, "scores") if satisfaction == "logged" else belief
     x = np.asarray(pool_contexts, dtype=np.float32)
-    return QueueTable(x, success, costs, tuple(models), satisfaction, float(tau), theta, features, name, n_fit)
+    return QueueTable(x, success, costs, tuple(models), satisfaction, float(tau), theta, features, name, len(fx), belief)
 
 
 def load_queue_table(

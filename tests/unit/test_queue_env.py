@@ -370,3 +370,64 @@ def test_cli_queue_eval_rejects_bad_seeds():
 
     res = CliRunner().invoke(app, ["queue-eval", "--seeds", "4-2", "--steps", "10"])
     assert res.exit_code == 2 and "seeds" in res.output
+
+
+def test_logged_mode_oracle_knows_theta_star_not_the_outcome(tmp_path):
+    """In `logged` mode the theta*-oracle ranks by mu(z^T theta*) (a fitted per-model scorer), not by each
+    prompt's own 0/1 outcome: the load is set against the rate a learner of ACQB's class could reach. The
+    clairvoyant reference, which does know the outcome, sustains more."""
+    table = synthetic_table(n=300, dim=6, n_arms=3, seed=0, satisfaction="logged")
+    assert set(np.unique(table.success)) <= {0.0, 1.0}
+    assert table.theta is not None and table.theta.shape == (3, 7)
+    np.testing.assert_allclose(table.oracle_success, logistic_success(table.contexts, table.theta))
+    assert not np.array_equal(table.oracle_success, table.success)
+    env = QueueingEnv.from_table(table, load=0.9, capacity=1)
+    theta_rate = service_rate(table.success, 1, utility=table.oracle_success)
+    clairvoyant_rate = service_rate(table.success, 1)
+    assert env.rate.rate == theta_rate.rate
+    assert clairvoyant_rate.rate > theta_rate.rate + 4 * (clairvoyant_rate.stderr + theta_rate.stderr)
+    res = run_queue_eval(
+        "synthetic",
+        tmp_path,
+        steps=300,
+        seeds=[0],
+        satisfaction="logged",
+        policies=["oracle", "clairvoyant"],
+        features="none",
+        table=table,
+        workers=1,
+        rate_steps=400,
+        progress=False,
+        log_fn=lambda *_: None,
+    )
+    pol = res.results["policies"]
+    assert all(v == 0 for _, v in pol["oracle"]["regret"])
+    assert pol["clairvoyant"]["satisfaction"] > pol["oracle"]["satisfaction"]
+    assert res.results["config"]["arrival_rate"] == pytest.approx(0.9 * theta_rate.rate, rel=0.05)
+
+
+def test_logistic_mode_oracle_knows_the_truth():
+    table = synthetic_table(n=200, dim=6, n_arms=3, seed=0, satisfaction="logistic")
+    np.testing.assert_array_equal(table.oracle_success, table.success)
+
+
+def test_queue_regret_quarters_check():
+    from banditrouter.evaluation.queue import queue_checks
+
+    steps = 8
+    oracle = {"queue": np.full(steps, 5.0), "cum_regret": np.zeros(steps), "cum_set_regret": np.zeros(steps)}
+
+    def run(q):
+        cum = np.arange(1.0, steps + 1)
+        return {"queue": np.asarray(q, dtype=float), "cum_regret": cum, "cum_set_regret": cum}
+
+    pol = {"acqb": {"time_avg_queue_length": 1.0}, "random_pool": {"time_avg_queue_length": 2.0}}
+    halves = queue_checks(pol, {"oracle": oracle, "acqb": run([9, 9, 6, 6, 6, 6, 6, 6])}, steps)["queue_regret_quarters"]["acqb"]
+    assert halves["first"] == 4 and halves["last"] == 1 and halves["ratio"] == 0.25 and halves["met"]
+    stuck = queue_checks(pol, {"oracle": oracle, "acqb": run([9, 9, 9, 9, 9, 9, 8, 8])}, steps)["queue_regret_quarters"]["acqb"]
+    assert stuck["ratio"] == 0.75 and not stuck["met"]
+    # no excess in the first quarter: met only while the queue stays no longer than the oracle's
+    below = queue_checks(pol, {"oracle": oracle, "acqb": run([4, 4, 5, 5, 5, 5, 4, 4])}, steps)["queue_regret_quarters"]["acqb"]
+    assert below["ratio"] is None and below["met"]
+    grew = queue_checks(pol, {"oracle": oracle, "acqb": run([4, 4, 5, 5, 5, 5, 7, 7])}, steps)["queue_regret_quarters"]["acqb"]
+    assert grew["ratio"] is None and not grew["met"]
