@@ -9,7 +9,9 @@ The learner is an async actor: its event loop serves the long-polls, so nothing 
 learner thread holds `lock` through an update, pickling, commit and save; every method that needs the lock
 (or reads the log) hands that work to a thread (`asyncio.to_thread`). `published` is one tuple swapped by
 reference, read without the lock. Each version is put in the object store once (`ray.put`) and pollers get
-its reference, so 64 pollers do not pickle 64 copies of LinUCB's 13 MB of matrices.
+its reference, so 64 pollers do not pickle 64 copies of LinUCB's 13 MB of matrices. What is published is the
+policy's `serving_state_dict()`: what a router needs to decide (ACQB: theta, chol_inv, cost_beta, counters,
+without the H and cost Gram matrices it learns with); commits and the .pt export keep the full state.
 """
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ class LearnerActor:
         """The current policy as (version, object ref), put in the object store once; wakes the pollers.
         Runs in the learner thread (or a worker thread): it only schedules the wake-up on the loop, which the
         first poller recorded (with no poller yet, there is no one to wake)."""
-        published = (self.core.policy.version, ray.put(self.core.policy.state_dict()))
+        published = (self.core.policy.version, ray.put(self.core.policy.serving_state_dict()))
         self.published = published
         loop = self._event_loop
         if loop is not None:
@@ -257,7 +259,7 @@ class LearnerActor:
 
     # -- routers ----------------------------------------------------------------------------------------------
     async def wait_for_weights(self, known_version: int, timeout_s: float = 10.0) -> tuple[int, ray.ObjectRef] | None:
-        """(version, object ref of its state dict) as soon as the published version differs from
+        """(version, object ref of its serving state dict) as soon as the published version differs from
         `known_version`; None after `timeout_s`. Waits on an event the publisher sets: no polling, no lock."""
         self._event_loop = asyncio.get_running_loop()
         end = time.monotonic() + timeout_s

@@ -686,7 +686,10 @@ class Learner:
 def install(policy: Policy, state: Any) -> Policy:
     """What a router runs on pushed weights: a new policy object built like its current one and loaded
     from the blob, which must be the same policy, pool and shapes with finite values (else StateError and
-    the router keeps serving `policy`). Swapping the object means no decision sees half-loaded weights."""
+    the router keeps serving `policy`). Swapping the object means no decision sees half-loaded weights.
+    The blob is what the learner publishes, `serving_state_dict()`: for ACQB only what a decision reads
+    (validated as strictly as a full state; the installed policy decides exactly as from the full state and
+    refuses to learn); for the other policies their full `state_dict()`, which is accepted too."""
     from banditrouter.policies import untrained_like
 
     if not isinstance(state, dict) or not isinstance(state.get("params"), dict):

@@ -30,6 +30,11 @@ What is the paper's and what is ours (each [ours] detail is a named ACQBConfig f
   parameters last changed (minus samples learned since; never below 0). Both counts are parameters, so a
   router installing the learner's weights continues at the learner's t instead of restarting at eps = 1.
   Only exploring decisions (explore=True) count.
+- [ours] published weights: a decision reads theta^, R = L^-1 (chol_inv, float32), the cost coefficients and
+  the counters, not the precision or cost Gram matrices (H, cost_A: 2 K d^2 float64) nor the IRLS window and
+  prior. `serving_state_dict()` holds only the former (about 1/4 of the full state at d = 385), which routers
+  install without a Cholesky per model; a policy loaded from it decides exactly as one loaded from
+  `state_dict()` and refuses to learn (ServingOnlyError).
 
 Propensity of an assignment (logged with it; the probability this job got this model at that step):
 
@@ -413,7 +418,9 @@ class ACQB(Policy):
     # ====================================================================================================
     def update(self, batch: BanditBatch) -> dict[str, float]:
         """Learn satisfaction (and expected cost) of the chosen models. All-or-nothing: the new per-model
-        arrays are built aside and installed together."""
+        arrays are built aside and installed together. A policy loaded from a serving blob has no H or cost
+        Gram matrix to learn from: ServingOnlyError."""
+        self._check_trainable("learn (update)")
         n = len(batch)
         if n == 0:
             return {}
@@ -502,6 +509,7 @@ class ACQB(Policy):
     # state
     # ====================================================================================================
     def _params(self):
+        self._check_trainable("be saved as a training checkpoint (state_dict)")
         params = {
             "theta": self.theta.copy(),
             "H": self.H.copy(),
@@ -546,6 +554,41 @@ class ACQB(Policy):
             self.window_n = p["window_n"].astype(np.int64)
         self.chol_inv, self.cost_beta = chol_inv, cost_beta
         self.samples_learned, self.decisions_pending = (int(v) for v in p["counters"])
+
+    def serving_state_dict(self):
+        """What a decision reads: theta^, chol_inv (R_k = L_k^-1, float32, as the policy keeps it), cost_beta and
+        the counters (t), plus the projection when there is one; marked `"serving": True`. Not H, cost_A,
+        cost_b nor the IRLS prior and window: only learning reads those (`state_dict()` keeps them)."""
+        return self._state(self._all_serving_params(), serving=True)
+
+    def _serving_params(self):
+        return {
+            "theta": self.theta.copy(),
+            "chol_inv": self.chol_inv.copy(),
+            "cost_beta": self.cost_beta.copy(),
+            "counters": np.array([self.samples_learned, self.decisions_pending], dtype=np.int64),
+        }
+
+    def _load_serving_params(self, params):
+        """Validated aside (the precision's factor must be what it claims: lower triangular, positive diagonal,
+        so R^T R is positive definite), then installed together. The learning state is dropped: a serving
+        policy cannot update, and a router does not carry 2 K d^2 float64 it never reads."""
+        p = {k: np.asarray(v) for k, v in params.items()}
+        if p["counters"].dtype.kind not in "iu" or (p["counters"] < 0).any():
+            raise StateError("parameter 'counters' must hold non-negative integers")
+        for key in ("theta", "chol_inv", "cost_beta"):
+            if p[key].dtype.kind != "f":
+                raise StateError(f"parameter {key!r} must hold floating-point values, got dtype {p[key].dtype}")
+        R = p["chol_inv"]
+        if (np.triu(R, 1) != 0).any() or not (np.diagonal(R, axis1=1, axis2=2) > 0).all():
+            raise StateError("parameter 'chol_inv' is not lower triangular with a positive diagonal (an inverse Cholesky factor)")
+        self.theta = p["theta"].astype(np.float64)
+        self.chol_inv = R.astype(np.float32)
+        self.cost_beta = p["cost_beta"].astype(np.float64)
+        self.samples_learned, self.decisions_pending = (int(v) for v in p["counters"])
+        self.H = self.cost_A = self.cost_b = None
+        if self.config.update_rule == "irls":
+            self.prior_theta = self.prior_H = self.window_z = self.window_y = self.window_n = None
 
     def _config(self):
         return asdict(self.config)

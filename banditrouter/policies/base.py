@@ -4,6 +4,7 @@
     schedule(contexts, preferences, free, explore=...) -> [Assignment]   # queue-aware policies (ACQB) only
     update(BanditBatch) -> metrics                            # only the chosen arm's outcome per row
     state_dict() / load_state_dict(state)                     # plain arrays + metadata, validated on load
+    serving_state_dict()                                      # what a router needs to decide (published weights)
 
 Nothing here knows about Ray. A policy sees a context (the prompt embedding), a preference
 w = (w_quality, w_cost) and, after it decides, the score and cost of the arm it chose.
@@ -100,6 +101,11 @@ class StateError(ValueError):
     """A checkpoint does not fit this policy (wrong models, shapes, non-finite values)."""
 
 
+class ServingOnlyError(RuntimeError):
+    """A policy loaded from a serving blob (`serving_state_dict`) was asked to learn or to be saved as a
+    training checkpoint: it holds only what a decision reads, not what learning continues from."""
+
+
 @dataclass
 class PolicyState:
     """What every checkpoint carries besides the policy's own arrays."""
@@ -145,6 +151,9 @@ class Policy(ABC):
             if features.in_dim != self.context_dim:
                 raise ValueError(f"the projection takes {features.in_dim}-d contexts, this policy gets {self.context_dim}-d")
         self.projection: Projection | None = features
+        self.serving_only = False
+        """True once loaded from a serving blob (`serving_state_dict`): it decides, it cannot learn or be saved
+        as a training checkpoint (ServingOnlyError) until a full `state_dict()` is loaded."""
 
     @property
     def n_arms(self) -> int:
@@ -187,6 +196,7 @@ class Policy(ABC):
         the random streams and the optimizer, as (arrays, JSON-able metadata); no pickled objects. The base
         covers `self.rng` (numpy Generator state); subclasses add theirs (BaRP: Adam moments and step
         counts, the torch Generator, the EMA count). Load it after `load_state_dict`, which resets them."""
+        self._check_trainable("save its training state")
         return {}, {"rng": self.rng.bit_generator.state}
 
     def load_training_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
@@ -246,20 +256,44 @@ class Policy(ABC):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        """The full state: every learned array (what a learner checkpoints to continue learning exactly)."""
+        self._check_trainable("be saved as a training checkpoint (state_dict)")
+        return self._state(self._all_params())
+
+    def serving_state_dict(self) -> dict[str, Any]:
+        """What a router needs to decide (the weights the learner publishes). The base: `state_dict()`.
+        A policy whose learning state is much larger than what its decisions read (ACQB: the precision and
+        cost Gram matrices) overrides it to return only the latter, marked `"serving": True`; loading such a
+        blob gives a policy that decides exactly as one loaded from the full state, and refuses to learn."""
+        return self.state_dict()
+
+    def _state(self, params: dict[str, np.ndarray], serving: bool = False) -> dict[str, Any]:
+        state = {
             "policy": self.name,
             "models": list(self.models),
             "context_dim": self.context_dim,
             "tau": self.tau,
             "version": self.version,
-            "params": self._all_params(),
+            "params": params,
             "config": self._config() if self.projection is None else {**self._config(), "features": self.projection.meta},
         }
+        if serving:
+            state["serving"] = True
+        return state
+
+    def _check_trainable(self, action: str) -> None:
+        if self.serving_only:
+            raise ServingOnlyError(
+                f"this {self.name} policy was loaded from a serving blob (only what a decision reads): it cannot "
+                f"{action}; load a full state_dict() to learn"
+            )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load parameters, tau and version (validated first: on StateError nothing changed). Parameters only:
         an optimizer starts afresh on new parameters; `load_training_state` restores it and the random
-        streams of a policy that is to continue training exactly."""
+        streams of a policy that is to continue training exactly. A serving blob (`"serving": True`, from
+        `serving_state_dict`) is validated against the serving subset, as strictly; the policy then decides
+        and refuses to learn (`serving_only`) until a full state is loaded."""
         if state.get("policy") != self.name:
             raise StateError(f"checkpoint is for policy {state.get('policy')!r}, not {self.name!r}")
         if tuple(state.get("models", ())) != self.models:
@@ -269,10 +303,21 @@ class Policy(ABC):
         tau = float(state.get("tau", float("nan")))
         if not (math.isfinite(tau) and tau > 0):
             raise StateError(f"checkpoint tau {tau} is not a positive number")
+        serving = state.get("serving", False)
+        if not isinstance(serving, bool | np.bool_):
+            raise StateError(f"checkpoint 'serving' must be true or false, got {serving!r}")
         params = state.get("params", {})
-        expected = self._all_params()
+        if not isinstance(params, dict):
+            raise StateError("checkpoint parameters are not a mapping")
+        if serving:
+            expected = self._all_serving_params()
+            if expected is None:
+                raise StateError(f"policy {self.name!r} takes no serving blob: publish its state_dict()")
+        else:
+            expected = self._template_params()
         if set(params) != set(expected):
-            raise StateError(f"checkpoint parameters {sorted(params)} differ from expected {sorted(expected)}")
+            kind = "serving parameters" if serving else "parameters"
+            raise StateError(f"checkpoint {kind} {sorted(params)} differ from expected {sorted(expected)}")
         for k, v in params.items():
             arr, ref = np.asarray(v), np.asarray(expected[k])
             if arr.shape != ref.shape:
@@ -285,11 +330,16 @@ class Policy(ABC):
 
             meta = (state.get("config") or {}).get("features", self.projection.meta)
             projection = Projection.from_params(params, meta)  # validated before anything changes
+        own = {k: np.asarray(v) for k, v in params.items() if k not in FEATURE_PARAMS}
+        if serving:
+            self._load_serving_params(own)  # validates, then installs (StateError: nothing changed)
+        else:
+            self._load_params(own)
         self.tau = tau
-        self._load_params({k: np.asarray(v) for k, v in params.items() if k not in FEATURE_PARAMS})
         if projection is not None:
             self.projection = projection
         self.version = int(state.get("version", 0))
+        self.serving_only = bool(serving)
 
     # -- helpers for subclasses -------------------------------------------------------------------------
     @abstractmethod
@@ -303,6 +353,30 @@ class Policy(ABC):
         """The policy's own arrays plus its projection's (`features.W`, `features.b`) when it has one."""
         params = self._params()
         if self.projection is not None:
+            params.update(self.projection.params())
+        return params
+
+    def _template_params(self) -> dict[str, np.ndarray]:
+        """What a full state must hold (names, shapes): this policy's arrays, or a cold twin's when this one
+        was loaded from a serving blob (it no longer holds the learning state)."""
+        if not self.serving_only:
+            return self._all_params()
+        from banditrouter.policies import untrained_like
+
+        return untrained_like(self)._all_params()
+
+    def _serving_params(self) -> dict[str, np.ndarray] | None:
+        """The arrays a decision reads (copies), for a policy with a serving subset; None (the base): the
+        policy publishes its full state."""
+        return None
+
+    def _load_serving_params(self, params: dict[str, np.ndarray]) -> None:
+        """Validate, then install, the serving subset (names and shapes were checked by `load_state_dict`)."""
+        raise StateError(f"policy {self.name!r} takes no serving blob")
+
+    def _all_serving_params(self) -> dict[str, np.ndarray] | None:
+        params = self._serving_params()
+        if params is not None and self.projection is not None:
             params.update(self.projection.params())
         return params
 
