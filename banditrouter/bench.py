@@ -110,7 +110,9 @@ async def _drive(url: str, prompts: list[str], requests: int, concurrency: int, 
     }
 
 
-def routed(cfg: AppConfig, prompts: list[str], requests: int, concurrency: int, warmup: int = 50) -> dict:
+def routed(cfg: AppConfig, prompts: list[str], requests: int, concurrency: int, warmup: int = 50, unloaded: int = 0) -> dict:
+    """The loaded run (`requests` at `concurrency`), then `unloaded` requests one at a time on the same app
+    (target: routing overhead with nothing queued), reported under `unloaded_*`."""
     from ray import serve
     from tqdm import tqdm
 
@@ -130,8 +132,19 @@ def routed(cfg: AppConfig, prompts: list[str], requests: int, concurrency: int, 
         url = f"http://{cfg.server.host}:{cfg.server.port}/v1/chat/completions"
         with tqdm(total=warmup, desc="warm-up", disable=None) as bar:
             asyncio.run(_drive(url, prompts[::-1], warmup, min(concurrency, warmup), bar))
+        embedder = serve.get_deployment_handle("embedder", app_name="banditrouter")
+        before = embedder.stats.remote().result()
         with tqdm(total=requests, desc="routed requests", disable=None) as bar:
-            return asyncio.run(_drive(url, prompts, requests, concurrency, bar))
+            result = asyncio.run(_drive(url, prompts, requests, concurrency, bar))
+        after = embedder.stats.remote().result()
+        batches = after["batches"] - before["batches"]
+        result["embedder_mean_batch_size"] = (after["prompts"] - before["prompts"]) / batches if batches else None
+        result["embedder_busy_share"] = (after["busy_s"] - before["busy_s"]) / result["routed_wall_s"]
+        if unloaded:
+            with tqdm(total=unloaded, desc="unloaded (concurrency 1)", disable=None) as bar:
+                one = asyncio.run(_drive(url, prompts, unloaded, 1, bar))
+            result.update({f"unloaded_{k.removeprefix('routed_')}": v for k, v in one.items() if k != "routed_models"})
+        return result
     finally:
         serve.shutdown()
         import ray
@@ -139,8 +152,88 @@ def routed(cfg: AppConfig, prompts: list[str], requests: int, concurrency: int, 
         ray.shutdown()
 
 
+def learner_absorb(cfg: AppConfig, checkpoint: Path, samples: int = 1600, seed: int = 0) -> dict:
+    """Samples per second the learner absorbs at its smallest batches, the worst case for keeping up: each
+    cycle the buffer takes `learning.batch_size` decisions and their feedback (appended as a router and the
+    ingress would), and the learner reads them, updates (BaRP: plus `learning.replay_steps` replay steps),
+    serialises the weights it publishes (what `ray.put` pickles) and commits to its state dir, as the learner
+    actor's step does. One thread, no Ray, fresh temporary state."""
+    import pickle
+    import tempfile
+
+    from banditrouter.policies import load_checkpoint
+    from banditrouter.schemas import DecisionEvent
+    from learner.buffer import EventBuffer
+    from learner.core import Learner, LearnerSettings
+
+    lc = cfg.learning
+    policy = load_checkpoint(checkpoint)
+    rng = np.random.default_rng(seed)
+    batch = lc.batch_size
+    n = max(batch, samples - samples % batch)
+    x = rng.normal(size=(n, policy.context_dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    arms = rng.integers(0, len(policy.models), size=n)
+    events = [
+        DecisionEvent(
+            decision_id=f"d{i}",
+            request_id=f"r{i}",
+            model=policy.models[arms[i]],
+            arm=int(arms[i]),
+            propensity=float(rng.uniform(0.05, 1.0)),
+            policy=policy.name,
+            policy_version=0,
+            preference=(0.7, 0.3),
+            context=x[i].tolist(),
+            context_ref=None,
+            cost_usd=float(rng.uniform(1e-5, 1e-2)),
+            latency_s=0.5,
+            pool_version="bench",
+        ).to_dict()
+        for i in range(n)
+    ]
+    scores = rng.integers(0, 2, size=n).astype(float)
+    settings = LearnerSettings(
+        batch_size=batch, max_wait_s=lc.max_wait_s, replay_steps=lc.replay_steps, replay_relabel=lc.replay_relabel
+    )
+    serving = getattr(policy, "serving_state_dict", policy.state_dict)
+    with tempfile.TemporaryDirectory(prefix="bench-learner-") as tmp:
+        buf = EventBuffer(Path(tmp) / "events.sqlite")
+        learner = Learner(policy, Path(tmp) / "learner", settings)
+        t_buffer = t_learner = 0.0
+        for start in range(0, n, batch):
+            t = time.perf_counter()
+            buf.append_decisions(events[start : start + batch])
+            for i in range(start, start + batch):
+                buf.add_feedback(f"d{i}", scores[i], f"f{i}")
+            t_buffer += time.perf_counter() - t
+            t = time.perf_counter()
+            learner.consume(buf.log.read(learner.read_after(), 2000))
+            if learner.update(commit=False) is not None:
+                pickle.dumps(serving(), protocol=5)
+                learner.commit()
+            t_learner += time.perf_counter() - t
+        learned = learner.counts["samples"]
+        replay = lc.replay_steps if learner._uses_replay else 0
+    return {
+        "policy": policy.name,
+        "context_dim": policy.context_dim,
+        "batch_size": batch,
+        "replay_steps": replay,
+        "samples": int(learned),
+        "learner_samples_per_s": learned / t_learner,
+        "buffer_samples_per_s": n / t_buffer,
+    }
+
+
 def run_bench(
-    cfg: AppConfig, requests: int, concurrency: int, out: Path | None, seed: int = 0, max_chars: int | None = None
+    cfg: AppConfig,
+    requests: int,
+    concurrency: int,
+    out: Path | None,
+    seed: int = 0,
+    max_chars: int | None = None,
+    unloaded: int = 0,
 ) -> dict:
     prompts = bench_prompts(cfg, requests, seed, max_chars)
     result: dict = {
@@ -155,9 +248,75 @@ def run_bench(
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
     }
     result.update(raw_embedder(cfg, prompts))
-    result.update(routed(cfg, prompts, requests, concurrency))
+    result.update(routed(cfg, prompts, requests, concurrency, unloaded=unloaded))
     result["ratio"] = result["routed_rps"] / result["raw_embedder_rps"]
+    if unloaded and result.get("unloaded_p50_ms") is not None:
+        result["unloaded_p50_over_embed_p50"] = result["unloaded_p50_ms"] / result["single_embed_p50_ms"]
+        result["unloaded_added_ms"] = result["unloaded_p50_ms"] - result["single_embed_p50_ms"]
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+SUITE_TARGETS = {
+    "short_prompts_ratio": 0.60,
+    "routerbench_ratio": 0.85,
+    "unloaded_p50_over_embed_p50": 2.0,
+    "learner_over_routed": 2.0,
+}
+"""Issue 13's bars: the two throughput ratios and the learner's margin are floors, the unloaded latency
+ratio a ceiling."""
+
+
+def run_suite(
+    cfg: AppConfig,
+    out: Path,
+    *,
+    learner_config: AppConfig | None = None,
+    short_requests: int = 2000,
+    full_requests: int = 1000,
+    concurrency: int = 16,
+    unloaded: int = 200,
+    seed: int = 0,
+) -> dict:
+    """`make bench`: every target of the routing-overhead work in one run, each phase with fresh state.
+
+    1. 200-character prompts at `concurrency`, then `unloaded` of them one at a time;
+    2. RouterBench test prompts as they are, the same;
+    3. the learner's absorb rate (`learner_absorb`) for the policies of `learner_config` (default: BaRP
+       and LinUCB checkpoints beside the configured one), against the routed throughput of run 2.
+    Writes `out` (all figures) and returns the summary of ratios against `SUITE_TARGETS`."""
+    short = run_bench(cfg, short_requests, concurrency, None, seed, 200, unloaded=unloaded)
+    full = run_bench(cfg, full_requests, concurrency, None, seed, None, unloaded=unloaded)
+    lcfg = learner_config or cfg
+    folder = cfg.policy.checkpoint.parent
+    learners = [
+        learner_absorb(lcfg, folder / f"{name}.pt", seed=seed) for name in ("barp", "linucb") if (folder / f"{name}.pt").exists()
+    ]
+    slowest = min((r["learner_samples_per_s"] for r in learners), default=None)
+    summary = {
+        "short_prompts_ratio": short["ratio"],
+        "routerbench_ratio": full["ratio"],
+        "unloaded_p50_over_embed_p50": full["unloaded_p50_over_embed_p50"],
+        "unloaded_added_ms": full["unloaded_added_ms"],
+        "unloaded_short_p50_over_embed_p50": short["unloaded_p50_over_embed_p50"],
+        "unloaded_short_added_ms": short["unloaded_added_ms"],
+        "learner_over_routed": None if slowest is None else slowest / full["routed_rps"],
+    }
+    met = {
+        k: (v >= SUITE_TARGETS[k] if k != "unloaded_p50_over_embed_p50" else v <= SUITE_TARGETS[k])
+        for k, v in summary.items()
+        if k in SUITE_TARGETS and v is not None
+    }
+    result = {
+        "summary": summary,
+        "targets": SUITE_TARGETS,
+        "met": met,
+        "short_prompts": short,
+        "routerbench": full,
+        "learner": learners,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -134,6 +134,11 @@ class RouterConfig(_Strict):
     backpressure_retry_after_s: float = Field(
         1.0, ge=0, description="Retry-After (seconds) of the 503 Serve sends when max_queued_requests is exceeded."
     )
+    fused: bool = Field(
+        False,
+        description="Run the router inside the ingress replica (one Serve hop fewer per request; router.num_replicas"
+        " then scales both together). The embedder and the models stay separate deployments.",
+    )
     context_turns: int = Field(
         1,
         ge=1,

@@ -162,6 +162,22 @@ class GatewayMetrics:
         self.refusals.inc(1.0, tags={"key": key_id or "anonymous", "code": code})
 
 
+EMBED_BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+class EmbedderMetrics:
+    """What the embedder replica exports: the size of each batch `serve.batch` formed and the seconds it
+    took (small batches under load mean the embedder is fed too slowly to amortise its per-call cost)."""
+
+    def __init__(self):
+        self.batch_size = Histogram(
+            "banditrouter_embed_batch_size", "Prompts per embedder batch.", boundaries=EMBED_BATCH_BOUNDARIES
+        )
+        self.batch_s = Histogram(
+            "banditrouter_embed_batch_seconds", "Seconds one embedder batch took.", boundaries=QUEUE_WAIT_BOUNDARIES_S
+        )
+
+
 class LearnerMetrics:
     def __init__(self):
         self.feedback = Counter("banditrouter_feedback_total", "Outcomes consumed by the learner.", tag_keys=("kind",))

@@ -70,6 +70,11 @@ def build_app(cfg: AppConfig) -> Application:
     # raises BackPressureError there and the ingress answers its JSON 503 + Retry-After. Only past that does
     # the proxy refuse (Serve's own 503: plain text, with Retry-After from backpressure_config).
     queued = r.max_queued_requests
+    if r.fused:
+        # router.fused: the router runs in the ingress replica (one hop fewer). The ingress takes the router's
+        # actor options and slots; past max_queued_requests the proxy answers Serve's 503 + Retry-After.
+        opts = _options(cfg, r.num_replicas, None, r.ray_actor_options, r.max_ongoing_requests, queued)
+        return Ingress.options(**opts).bind(cfg, None, models, embedder)
     router = Router.options(**_options(cfg, r.num_replicas, None, r.ray_actor_options, r.max_ongoing_requests, queued)).bind(
         cfg, embedder, models
     )

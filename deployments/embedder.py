@@ -6,6 +6,7 @@ replica to start exports the ONNX model into the shared cache dir, the others wa
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 from ray import serve
@@ -33,12 +34,31 @@ class EmbedderDeployment:
         self.embedder.encode(["warm up"])  # load the model before the first request
         self.embed_batch.set_max_batch_size(cfg.batch_size)
         self.embed_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        from banditrouter.metrics import EmbedderMetrics
+
+        self.metrics = EmbedderMetrics()
+        self.batches = self.prompts = 0
+        self.busy_s = 0.0
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def embed_batch(self, texts: list[str]) -> list[np.ndarray]:
         # off the event loop, so the next batch can form while this one runs
+        t0 = time.perf_counter()
         vecs = await asyncio.to_thread(self._encode, texts)
+        took = time.perf_counter() - t0
+        self.batches, self.prompts, self.busy_s = self.batches + 1, self.prompts + len(texts), self.busy_s + took
+        self.metrics.batch_size.observe(float(len(texts)))
+        self.metrics.batch_s.observe(took)
         return list(vecs)
+
+    def stats(self) -> dict:
+        """Batches formed, prompts embedded, their mean batch size and the seconds spent encoding."""
+        return {
+            "batches": self.batches,
+            "prompts": self.prompts,
+            "mean_batch_size": self.prompts / self.batches if self.batches else None,
+            "busy_s": self.busy_s,
+        }
 
     async def __call__(self, text: str) -> np.ndarray:
         return await self.embed_batch(text)

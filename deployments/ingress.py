@@ -128,13 +128,18 @@ def _without_paths(stats):
 @serve.deployment(name="ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, cfg: AppConfig, router, models: dict):
+    def __init__(self, cfg: AppConfig, router, models: dict, embedder=None):
         from banditrouter.metrics import GatewayMetrics
         from deployments.gateway.budgets import Gate
         from deployments.gateway.cost import CostModel
 
         self.cfg = cfg
         self.limits = cfg.gateway.limits
+        if router is None:  # router.fused: the router lives in this replica (deployments/inprocess.py)
+            from deployments.inprocess import InProcessRouter
+            from deployments.router import Router
+
+            router = InProcessRouter(Router.func_or_class(cfg, embedder, models))
         self.router = router
         self.models = models
         self.model_cfgs = {m.name: m for m in cfg.models}
@@ -150,6 +155,22 @@ class Ingress:
 
             self.buffer = get_or_create_buffer(cfg)
             self.learner = get_or_create_learner(cfg)
+
+    async def check_health(self) -> None:
+        """A fused router's health check (Serve calls this on the ingress replica): it starts the router's weight
+        sync and decision shipper, as the router deployment's own check does."""
+        from deployments.inprocess import InProcessRouter
+
+        if isinstance(self.router, InProcessRouter):  # (a handle answers hasattr for any name)
+            await self.router.check_health()
+
+    def __del__(self):
+        """Replica shutdown: a fused router's queued decisions go to its spill (as a router replica's do)."""
+        from deployments.inprocess import InProcessRouter
+
+        router = getattr(self, "router", None)
+        if isinstance(router, InProcessRouter):
+            router.close()
 
     def bind(self, asgi_app) -> None:
         state = asgi_app.state

@@ -1,0 +1,119 @@
+"""`router.fused: true`: the router runs inside the ingress replica (one Serve hop fewer) and keeps every
+duty it has as a deployment: routing and streaming, its decision records, the weight sync with the learner
+(two fused replicas both install a new version), the decision shipper, and its admission bound."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from tests.integration.conftest import POOL
+
+PORT = 8019
+BASE = f"http://127.0.0.1:{PORT}"
+APP = "fused-test"
+
+
+@pytest.fixture(scope="module")
+def fused(ray_local, tmp_path_factory, prompts):
+    from ray import serve
+
+    from banditrouter.config import load_config
+    from banditrouter.policies import make_policy, save_checkpoint
+    from deployments.app import build_app
+    from learner.actors import kill_actors
+
+    tmp = tmp_path_factory.mktemp("fused")
+    ckpt = save_checkpoint(make_policy("linucb", POOL, 384, tau=float(np.nanquantile(prompts.costs, 0.95))), tmp / "linucb.pt")
+    cfg = load_config(
+        {
+            "policy": {"name": "linucb", "checkpoint": str(ckpt), "explore": True},
+            "embedder": {"ray_actor_options": {"num_cpus": 0.5}},
+            "router": {"fused": True, "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.1}},
+            "learning": {"enabled": True, "state_dir": str(tmp / "state"), "batch_size": 4, "max_wait_s": 0.2},
+            "models": [{"name": m, "replay": {"split": "test"}} for m in POOL],
+        }
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(build_app(cfg), name=APP, route_prefix="/")
+    yield cfg
+    serve.delete(APP)
+    serve.shutdown()
+    kill_actors()
+
+
+def _route(text: str, **extra) -> requests.Response:
+    body = {"model": "router", "messages": [{"role": "user", "content": text}], **extra}
+    return requests.post(f"{BASE}/v1/chat/completions", json=body, timeout=60)
+
+
+def _wait(pred, timeout_s: float = 30.0):
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.1)
+    return pred()
+
+
+def test_fused_app_has_no_router_deployment(fused):
+    from ray import serve
+
+    status = serve.status().applications[APP].deployments
+    assert "ingress" in status and "embedder" in status
+    assert "router" not in status, "the router runs inside the ingress replica"
+
+
+def test_fused_router_routes_streams_and_records(fused, prompts):
+    r = _route(prompts.prompts[0])
+    assert r.status_code == 200, r.text
+    routing = r.json()["routing"]
+    assert routing["model"] in POOL and routing["policy"] == "linucb" and routing["decision_id"]
+
+    with requests.post(
+        f"{BASE}/v1/chat/completions",
+        json={"model": "router", "stream": True, "messages": [{"role": "user", "content": prompts.prompts[1]}]},
+        stream=True,
+        timeout=60,
+    ) as s:
+        assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+        lines = [ln.decode() for ln in s.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(ln[len("data: ") :]) for ln in lines[:-1]]
+    assert chunks[0]["routing"]["model"] in POOL
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+
+    health = requests.get(f"{BASE}/health", timeout=30).json()  # auth: none on loopback: the full view
+    assert health["policy"] == "linucb" and set(health["models"]) == set(POOL)
+    events = requests.get(f"{BASE}/v1/routing/events", params={"n": 50}, timeout=30).json()
+    # each request lands on one of the two fused replicas: this one holds some of the decisions, no embeddings
+    assert events["events"] and all(e["decision_id"] and "context" not in e for e in events["events"])
+
+
+def test_feedback_reaches_both_fused_replicas(fused, prompts):
+    def stats():
+        return requests.get(f"{BASE}/v1/learner/stats", timeout=30).json()
+
+    v0 = stats()["learner"]["version"]
+    for i in range(8):
+        d = _route(prompts.prompts[10 + i]).json()["routing"]["decision_id"]
+        assert (
+            requests.post(
+                f"{BASE}/v1/feedback", json={"decision_id": d, "score": float(prompts.scores[10 + i].max())}, timeout=30
+            ).status_code
+            == 200
+        )
+    v1 = _wait(lambda: stats()["learner"]["version"] > v0 and stats()["learner"]["version"])
+    assert v1, "the learner consumed the fused routers' decisions and the feedback"
+
+    def replicas_at_v1():
+        log = requests.get(f"{BASE}/v1/learner/installs", timeout=30).json()["installs"]
+        return len({i["replica"] for i in log if i["version"] >= v1}) >= 2
+
+    assert _wait(replicas_at_v1), "both fused replicas long-poll the learner and install the new version"
+    assert _wait(lambda: _route(prompts.prompts[30]).json()["routing"]["policy_version"] >= v1, 10)

@@ -1,0 +1,135 @@
+"""`banditrouter bench`'s pieces that run without Ray: the learner's absorb rate, the suite's ratios and
+their targets, and the in-process router adapter `router.fused` uses."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from banditrouter import bench
+from banditrouter.config import load_config
+from banditrouter.policies import make_policy, save_checkpoint
+from deployments.inprocess import InProcessRouter
+
+MODELS = ("cheap", "mid", "strong")
+
+
+def _cfg(tmp_path, ckpt, batch_size=4):
+    return load_config(
+        {
+            "policy": {"name": "linucb", "checkpoint": str(ckpt)},
+            "learning": {"batch_size": batch_size, "replay_steps": 2},
+            "models": [{"name": m, "replay": {"split": "test"}} for m in MODELS],
+        },
+        base_dir=tmp_path,
+    )
+
+
+@pytest.mark.parametrize("name", ["linucb", "barp"])
+def test_learner_absorb_applies_every_sample(tmp_path, name):
+    ckpt = save_checkpoint(make_policy(name, MODELS, 8, tau=0.01), tmp_path / f"{name}.pt")
+    out = bench.learner_absorb(_cfg(tmp_path, ckpt), ckpt, samples=42)
+    assert out["policy"] == name and out["batch_size"] == 4
+    assert out["samples"] == 40, "every fed sample (whole batches) was learned, none twice"
+    assert out["learner_samples_per_s"] > 0 and out["buffer_samples_per_s"] > 0
+    assert out["replay_steps"] == (2 if name == "barp" else 0)
+
+
+def test_suite_ratios_and_targets(tmp_path, monkeypatch):
+    ckpt = save_checkpoint(make_policy("linucb", MODELS, 8, tau=0.01), tmp_path / "linucb.pt")
+    cfg = _cfg(tmp_path, ckpt)
+    runs = {
+        200: {"ratio": 0.5, "routed_rps": 30.0, "unloaded_p50_over_embed_p50": 1.5, "unloaded_added_ms": 12.0},
+        None: {"ratio": 0.9, "routed_rps": 8.0, "unloaded_p50_over_embed_p50": 2.5, "unloaded_added_ms": 40.0},
+    }
+    monkeypatch.setattr(bench, "run_bench", lambda cfg, n, c, out, seed, chars, unloaded: runs[chars])
+    monkeypatch.setattr(bench, "learner_absorb", lambda cfg, path, seed: {"learner_samples_per_s": 20.0})
+    out = tmp_path / "bench.json"
+    res = bench.run_suite(cfg, out, short_requests=10, full_requests=5, unloaded=3)
+    s = res["summary"]
+    assert s["short_prompts_ratio"] == 0.5 and s["routerbench_ratio"] == 0.9
+    assert s["unloaded_p50_over_embed_p50"] == 2.5 and s["unloaded_added_ms"] == 40.0
+    assert s["learner_over_routed"] == pytest.approx(20.0 / 8.0)  # only linucb.pt exists beside the config's
+    assert res["met"] == {
+        "short_prompts_ratio": False,
+        "routerbench_ratio": True,
+        "unloaded_p50_over_embed_p50": False,  # a ceiling: 2.5 > 2
+        "learner_over_routed": True,
+    }
+    assert out.exists()
+
+
+class _FakeRouter:
+    def __init__(self):
+        self.healthy = 0
+
+    async def route(self, req):
+        await asyncio.sleep(0)
+        return {"routing": {"model": "m"}, "req": req}
+
+    async def route_stream(self, req):
+        yield {"model": "m"}
+        yield "text"
+
+    def info(self):
+        return {"policy": "x"}
+
+    def recent_events(self, n=100):
+        raise ValueError("boom")
+
+    async def check_health(self):
+        self.healthy += 1
+
+
+def test_in_process_router_answers_like_a_handle():
+    fake = _FakeRouter()
+    r = InProcessRouter(fake)
+
+    async def main():
+        assert (await r.route.remote("q"))["req"] == "q"
+        gen = r.options(stream=True).route_stream.remote("q")
+        assert await gen.__anext__() == {"model": "m"}
+        assert [x async for x in gen] == ["text"]
+        assert await r.info.remote() == {"policy": "x"}
+        with pytest.raises(ValueError, match="boom"):  # raised where awaited, as from a handle
+            await r.recent_events.remote(5)
+        await r.check_health()
+
+    asyncio.run(main())
+    assert fake.healthy == 1
+
+
+def test_fused_config_builds_no_router_deployment():
+    from deployments.app import build_app
+
+    cfg = load_config(
+        {
+            "router": {"fused": True},
+            "policy": {"name": "linucb", "checkpoint": "unused.pt"},
+            "models": [{"name": m, "replay": {"split": "test"}} for m in MODELS],
+        }
+    )
+    app = build_app(cfg)
+    names = {d.name for d in _deployments(app)}
+    assert "ingress" in names and "embedder" in names and "router" not in names
+    unfused = cfg.model_copy(update={"router": cfg.router.model_copy(update={"fused": False})})
+    plain = {d.name for d in _deployments(build_app(unfused))}
+    assert "router" in plain
+
+
+def _deployments(app):
+    """Every deployment bound into an Application (walks the bound arguments)."""
+    seen, todo = [], [app._bound_deployment]
+    while todo:
+        d = todo.pop()
+        if any(d is s for s in seen):
+            continue
+        seen.append(d)
+        for a in list(d.init_args) + list(d.init_kwargs.values()):
+            vals = a.values() if isinstance(a, dict) else [a]
+            for v in vals:
+                inner = getattr(v, "_bound_deployment", None)
+                if inner is not None:
+                    todo.append(inner)
+    return seen
