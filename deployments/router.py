@@ -671,10 +671,11 @@ class Router:
         except QueueFull:
             self.metrics.queue_full.inc()
             raise
+        finally:  # admitted, refused or cancelled while waiting: the gauge says what waits now, never a stale count
+            self.metrics.queue_length.set(float(self._fifo_waiting()))
         try:
             waited = time.monotonic() - t0
             self.metrics.queue_wait.observe(waited)
-            self.metrics.queue_length.set(float(self._fifo_waiting()))
             yield x, dataclasses.replace(d, queue_wait_s=waited, queue_length=length), model, decision_id
         finally:
             await queue.__aexit__(None, None, None)

@@ -260,3 +260,42 @@ def test_a_policy_without_positive_values_trains_and_leaves_l_and_u_to_the_route
     pol = train_one(name, Split(log, x), seed=0, progress=False)
     cal = pacing_calibration(pol, Split(log, x))
     assert cal["L"] is None and cal["U"] is None and cal["cost_estimator"]["models"] == list(log.models)
+
+
+def test_fifo_queue_length_gauge_is_not_left_stale(tmp_path):
+    """The FIFO router's `banditrouter_queue_length` reads 0 once nothing waits: after a request refused
+    because the queue was full (it never waited) and after a waiter cancelled by its client."""
+    release = asyncio.Event()
+
+    class Slow(Model):
+        async def complete(self, req):
+            await release.wait()
+            return await super().complete(req)
+
+    models = {m: Slow(m) for m in MODELS}
+    router, _ = _router(tmp_path, models=models, max_in_flight_per_model=1, queue_capacity=1)
+    gauge = router.metrics.queue_length
+
+    def last() -> float:
+        return list(gauge._last.values())[-1]
+
+    async def main():
+        from deployments.scheduler import QueueFull
+
+        first = asyncio.create_task(router.route(_req()))  # holds the chosen model's only slot
+        await asyncio.sleep(0.05)
+        waiter = asyncio.create_task(router.route(_req()))  # waits for it
+        await asyncio.sleep(0.05)
+        assert last() == 1.0
+        with pytest.raises(QueueFull):  # the queue holds one: refused, never waited
+            await router.route(_req())
+        assert last() == 1.0, "the refused request is not counted as waiting"
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert last() == 0.0, "a cancelled waiter leaves the gauge at what waits now"
+        release.set()
+        await first
+
+    asyncio.run(main())
+    assert last() == 0.0
