@@ -24,8 +24,12 @@ run: $(STAMP)
 eval: $(STAMP)
 	$(VENV)/bin/banditrouter eval --dataset routerbench --split test --seed 0 --out reports/routerbench/
 
+# every routing-overhead target in one run (200-char and RouterBench prompts, unloaded latency, the learner's
+# absorb rate for BaRP and LinUCB); all figures in reports/bench.json, the ratios printed as JSON
 bench: $(STAMP)
-	$(VENV)/bin/banditrouter bench --config configs/local.yaml --requests 2000 --concurrency 16 --out reports/bench.json
+	test -f checkpoints/barp.pt || $(VENV)/bin/banditrouter train --policy barp --out checkpoints/barp.pt
+	test -f checkpoints/linucb.pt || $(VENV)/bin/banditrouter train --policy linucb --out checkpoints/linucb.pt
+	$(VENV)/bin/banditrouter bench --suite --config configs/local.yaml --requests 2000 --concurrency 16 --out reports/bench.json
 
 # embedder backends (torch fp32 vs onnx vs onnx-int8): throughput on 256-token prompts, cosine, BaRP agreement
 bench-embedder: $(STAMP)
