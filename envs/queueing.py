@@ -26,9 +26,11 @@ defined:
 
 where the theta*-oracle ranks (job, model) pairs by mu(z^T theta*_k), theta* fitted per model on the full
 table in both satisfaction models (`QueueTable.oracle_success`). In `logistic` mode that is the truth; in
-`logged` mode it is the best per-model logistic scorer on the policies' features, so the oracle, like the
-learners, does not know a prompt's own 0/1 outcome (a clairvoyant ranking by that outcome sustains a higher
-rate than any policy of this class can: queue-eval's `clairvoyant` reference),
+`logged` mode it is a per-model logistic scorer fitted on the full table, on the policies' features (our
+reading of the theta*-oracle there: a reference, not an upper bound; an online fit on the served prompts can
+rank them better), so the oracle, like the learners, does not know a prompt's own 0/1 outcome (a clairvoyant
+ranking by that outcome sustains a higher rate than any policy of this class can: queue-eval's `clairvoyant`
+reference),
 
 estimated by Monte Carlo (`service_rate`): a closed system holds `population` jobs (default 4 x the total
 capacity, so every slot is busy every step and the oracle has a choice); each departure (satisfied or
@@ -325,7 +327,9 @@ class QueueingEnv(gym.Env):
         rate_seed: int = 0,
     ):
         """Give exactly one of `arrival_rate` (lambda, jobs per step) and `load` (rho; lambda = rho x mu_sat,
-        with mu_sat from `rate` or computed by `service_rate` with `utility` and `rate_seed`)."""
+        with mu_sat from `rate` or computed by `service_rate` with `utility` and `rate_seed`). Without
+        `utility`, mu_sat is that of an oracle ranking by `success` itself (in `logged` mode: a clairvoyant);
+        `from_table` passes the theta*-oracle's `oracle_success`."""
         super().__init__()
         x = np.asarray(contexts, dtype=np.float32)
         p = np.asarray(success, dtype=np.float64)
@@ -593,7 +597,8 @@ class QueueTable:
     """Rows theta* was fitted on (the full table)."""
     belief: np.ndarray | None = None
     """(n, K) what the theta*-oracle knows: mu(z^T theta*_k). In `logistic` mode it is `success`; in `logged`
-    mode it is the best per-model logistic scorer on these features, not the prompt's 0/1 outcome."""
+    mode it is a per-model logistic scorer fitted on the full table, on these features (not an upper bound on
+    what a learner can rank), not the prompt's 0/1 outcome."""
 
     @property
     def oracle_success(self) -> np.ndarray:

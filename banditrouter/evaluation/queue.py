@@ -12,8 +12,9 @@ retried -> 0, not retried (satisfied, or abandoned: the system cannot tell) -> 1
                      forced exploration and is greedy on theta^ otherwise ("epsilon-only", ours)
         oracle       the theta*-oracle: knows mu(z^T theta*_k) (theta* fitted per model on the full table)
                      and serves the largest first (`envs.queueing.greedy_assignment`, the paper's rule). In
-                     `logistic` mode that is the true probability; in `logged` mode it is the best per-model
-                     logistic scorer on these features, not the prompt's own 0/1 outcome
+                     `logistic` mode that is the true probability; in `logged` mode it is a per-model logistic
+                     scorer fitted on the full table (a reference, not an upper bound), not the prompt's own
+                     0/1 outcome
         clairvoyant  (on request, `logged` mode) greedy on the true success probabilities, i.e. each prompt's
                      logged outcome: what no learner on these features can match (ours; a reference only)
         random_pool  uniformly random jobs on uniformly random free slots (work-conserving, ours)
@@ -37,7 +38,7 @@ Metrics (each a mean over seeds):
     regret                 [[t, cumulative routing regret]]: per step, on the policy's own queue state (its
                            `window` oldest waiting jobs, plus for FIFO policies the jobs they served, every slot
                            free), the paper's mu* - mu_chosen per decision (`decision_regret`): the served
-                           pairs in decreasing order of true utility, each charged the best utility still
+                           pairs in decreasing order of the oracle's utility, each charged the best utility still
                            available minus its own, and idle slots charged what the oracle would have served.
                            >= 0 every step; 0 for the oracle. checks.json also holds the set-level variant (the
                            oracle's whole greedy assignment of the state minus the policy's), which can go
@@ -169,11 +170,12 @@ def utility_table(table: QueueTable, preference: Sequence[float], *, clairvoyant
 
 
 def decision_regret(u: np.ndarray, capacity: np.ndarray, jobs: np.ndarray, arms: np.ndarray) -> tuple[float, float]:
-    """Routing regret of one step. `u`: (n, K) true utilities of the state's jobs (oldest first); the policy
+    """Routing regret of one step. `u`: (n, K) the utilities the oracle ranks by (`utility_table`: the true
+    ones under `logistic`, theta*'s under `logged`) of the state's jobs (oldest first); the policy
     served (jobs[i], arms[i]) with every slot of `capacity` free at the start of the step.
 
     Per decision (the paper's "mu* - mu_chosen on the same queue state", one served pair at a time): take the
-    served pairs in decreasing order of true utility (ties: older job, lower model); each costs the best
+    served pairs in decreasing order of utility (ties: older job, lower model); each costs the best
     utility still available (jobs not yet served, models with a slot left) minus its own. Slots the policy
     left idle while jobs waited cost what the oracle's greedy rule would have served on them. Every term is
     >= 0, and the theta*-oracle's own steps cost exactly 0.
