@@ -26,8 +26,9 @@ from banditrouter.config import AppConfig
 
 
 def bench_prompts(cfg: AppConfig, n: int, seed: int = 0, max_chars: int | None = None) -> list[str]:
-    """n distinct prompts from the test split of the log the replay models answer from; `max_chars` cuts
-    each one short (short prompts make the embedder cheap, so the serving chain's overhead shows)."""
+    """min(n, the split's size) distinct prompts from the test split of the log the replay models answer from
+    (the routed phase cycles over them for n requests); `max_chars` cuts each one short (short prompts make
+    the embedder cheap, so the serving chain's overhead shows)."""
     from banditrouter.data import load_dataset
 
     replay = [m.replay for m in cfg.models if m.backend == "replay"]
@@ -247,7 +248,8 @@ def run_bench(
         "embedder_backend": cfg.embedder.backend,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
     }
-    result.update(raw_embedder(cfg, prompts))
+    # the single-prompt embedding p50 over the same prompts the unloaded phase sends (the first `unloaded`)
+    result.update(raw_embedder(cfg, prompts, single=unloaded or 100))
     result.update(routed(cfg, prompts, requests, concurrency, unloaded=unloaded))
     result["ratio"] = result["routed_rps"] / result["raw_embedder_rps"]
     if unloaded and result.get("unloaded_p50_ms") is not None:
@@ -263,10 +265,12 @@ SUITE_TARGETS = {
     "short_prompts_ratio": 0.60,
     "routerbench_ratio": 0.85,
     "unloaded_p50_over_embed_p50": 2.0,
+    "unloaded_short_p50_over_embed_p50": 2.0,
     "learner_over_routed": 2.0,
 }
 """Issue 13's bars: the two throughput ratios and the learner's margin are floors, the unloaded latency
-ratio a ceiling."""
+ratios (RouterBench prompts and 200-character prompts) ceilings."""
+CEILINGS = frozenset({"unloaded_p50_over_embed_p50", "unloaded_short_p50_over_embed_p50"})
 
 
 def run_suite(
@@ -304,10 +308,11 @@ def run_suite(
         "unloaded_short_added_ms": short["unloaded_added_ms"],
         "learner_over_routed": None if slowest is None else slowest / full["routed_rps"],
     }
+    # a figure the run could not measure (no BaRP/LinUCB checkpoint for the learner) is not met
     met = {
-        k: (v >= SUITE_TARGETS[k] if k != "unloaded_p50_over_embed_p50" else v <= SUITE_TARGETS[k])
+        k: v is not None and (v <= SUITE_TARGETS[k] if k in CEILINGS else v >= SUITE_TARGETS[k])
         for k, v in summary.items()
-        if k in SUITE_TARGETS and v is not None
+        if k in SUITE_TARGETS
     }
     result = {
         "summary": summary,

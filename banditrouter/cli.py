@@ -238,7 +238,9 @@ def serve(
 @app.command()
 def bench(
     config: Path = typer.Option(Path("configs/local.yaml"), "--config", "-c", help="banditrouter YAML config."),
-    requests: int = typer.Option(2000, "--requests", "-n", min=1, help="Routed requests to send (distinct prompts)."),
+    requests: int = typer.Option(
+        2000, "--requests", "-n", min=1, help="Routed requests to send, cycling over the test split's prompts (RouterBench: 952)."
+    ),
     concurrency: int = typer.Option(16, "--concurrency", min=1, help="Concurrent HTTP clients."),
     out: Path = typer.Option(Path("reports/bench.json"), "--out", "-o", help="Where to write the JSON."),
     seed: int = typer.Option(0, "--seed"),

@@ -137,7 +137,9 @@ class RouterConfig(_Strict):
     fused: bool = Field(
         False,
         description="Run the router inside the ingress replica (one Serve hop fewer per request; router.num_replicas"
-        " then scales both together). The embedder and the models stay separate deployments.",
+        " then scales both together). The embedder and the models stay separate deployments. Past the replica's"
+        " max_ongoing_requests + max_queued_requests the proxy answers Serve's plain-text 503 (no JSON ingress 503 in"
+        " between); the router's queue_capacity bound still answers the JSON one first.",
     )
     context_turns: int = Field(
         1,

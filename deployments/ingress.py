@@ -26,6 +26,7 @@ the first upstream item happen before the 200; a failure mid-stream ends it with
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -370,6 +371,10 @@ class Ingress:
             yield self._chunk(cid, model, {}, "stop", **extra)
             yield "data: [DONE]\n\n"
         finally:
+            aclose = getattr(items, "aclose", None)  # the fused router's own generator holds a model slot:
+            if aclose is not None:  # give it back now when the client leaves (a handle's stream is Serve's)
+                with contextlib.suppress(Exception):
+                    await aclose()
             await _settle(ticket, spent)
 
     async def _stream_routed(self, req: RouteRequest, ticket, max_cost: float) -> StreamingResponse:

@@ -1,6 +1,7 @@
-"""`router.fused: true`: the router runs inside the ingress replica (one Serve hop fewer) and keeps every
-duty it has as a deployment: routing and streaming, its decision records, the weight sync with the learner
-(two fused replicas both install a new version), the decision shipper, and its admission bound."""
+"""`router.fused: true`: the router runs inside the ingress replica (one Serve hop fewer) and keeps its duties
+as a deployment: routing and streaming, its decision records, the weight sync with the learner (two fused
+replicas both install a new version) and the decision shipper. The health check and shutdown hooks that start
+and close them are unit-tested in tests/unit/test_bench.py."""
 
 from __future__ import annotations
 

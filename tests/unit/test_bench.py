@@ -55,9 +55,37 @@ def test_suite_ratios_and_targets(tmp_path, monkeypatch):
         "short_prompts_ratio": False,
         "routerbench_ratio": True,
         "unloaded_p50_over_embed_p50": False,  # a ceiling: 2.5 > 2
+        "unloaded_short_p50_over_embed_p50": True,  # 1.5 <= 2
         "learner_over_routed": True,
     }
     assert out.exists()
+
+
+def test_suite_without_learner_checkpoints_reports_the_learner_target_not_met(tmp_path, monkeypatch):
+    ckpt = tmp_path / "elsewhere" / "ucb.pt"  # no barp.pt / linucb.pt beside it: nothing to measure
+    run = {"ratio": 0.9, "routed_rps": 8.0, "unloaded_p50_over_embed_p50": 1.5, "unloaded_added_ms": 12.0}
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: run)
+    res = bench.run_suite(_cfg(tmp_path, ckpt), tmp_path / "bench.json", short_requests=1, full_requests=1)
+    assert res["summary"]["learner_over_routed"] is None and res["met"]["learner_over_routed"] is False
+
+
+def test_run_bench_ratios_come_from_the_raw_and_routed_phases(tmp_path, monkeypatch):
+    """routed / raw throughput, and the unloaded routed p50 over the single-prompt embedding p50 taken over
+    the same prompts the unloaded phase sends."""
+    ckpt = save_checkpoint(make_policy("linucb", MODELS, 8, tau=0.01), tmp_path / "linucb.pt")
+    seen = {}
+
+    def raw(cfg, prompts, single=100):
+        seen["single"] = single
+        return {"raw_embedder_rps": 40.0, "single_embed_p50_ms": 20.0}
+
+    monkeypatch.setattr(bench, "bench_prompts", lambda cfg, n, seed, chars: [f"p{i}" for i in range(n)])
+    monkeypatch.setattr(bench, "raw_embedder", raw)
+    monkeypatch.setattr(bench, "routed", lambda cfg, p, n, c, unloaded: {"routed_rps": 10.0, "unloaded_p50_ms": 50.0})
+    res = bench.run_bench(_cfg(tmp_path, ckpt), 30, 4, None, unloaded=7)
+    assert res["ratio"] == pytest.approx(0.25)
+    assert res["unloaded_p50_over_embed_p50"] == pytest.approx(2.5) and res["unloaded_added_ms"] == pytest.approx(30.0)
+    assert seen["single"] == 7
 
 
 class _FakeRouter:
@@ -133,3 +161,37 @@ def _deployments(app):
                 if inner is not None:
                     todo.append(inner)
     return seen
+
+
+def test_the_ingress_health_check_and_shutdown_reach_a_fused_router():
+    """Serve health-checks the ingress replica, not a router: with the router fused in, that check must start
+    the router's weight sync and shipper (an idle replica follows the learner), and the replica's shutdown
+    must close the shipper (queued decisions go to the spill). A plain handle gets neither."""
+    from deployments.ingress import Ingress
+
+    cls = Ingress.func_or_class
+    user_del = cls.__mro__[1].__del__  # ours; Serve's ASGI wrapper subclass awaits the app's shutdown, then calls it
+
+    class Shipper:
+        closed = 0
+
+        def close(self):
+            Shipper.closed += 1
+
+    fake = _FakeRouter()
+    fake.shipper = Shipper()
+    ingress = object.__new__(cls)
+    ingress.router = InProcessRouter(fake)
+    asyncio.run(cls.check_health(ingress))
+    assert fake.healthy == 1
+    user_del(ingress)
+    assert Shipper.closed == 1
+
+    class Handle:  # a DeploymentHandle answers any attribute; the ingress must not call into it
+        def __getattr__(self, name):
+            raise AssertionError(f"called {name} on the router handle")
+
+    plain = object.__new__(cls)
+    plain.router = Handle()
+    asyncio.run(cls.check_health(plain))
+    user_del(plain)

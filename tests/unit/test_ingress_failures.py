@@ -52,3 +52,44 @@ def test_tool_calls_and_the_finish_reason_reach_the_openai_shaped_message():
     plain = CompletionResult("four", 0.001, 10, 5, 0.1, {"backend": "replay"})
     choice = json.loads(cls._completion(ingress, plain, "a", None).body)["choices"][0]
     assert choice == {"index": 0, "message": {"role": "assistant", "content": "four"}, "finish_reason": "stop"}
+
+
+def test_a_client_that_leaves_mid_stream_closes_the_in_process_routers_stream():
+    """With `router.fused: true` the ingress iterates the router's own async generator, which holds a model
+    slot until it is closed: a client that goes away mid-stream must close it at once (not whenever the
+    garbage collector gets to it), and the ticket is still settled."""
+    import asyncio
+    import gc
+
+    from deployments.ingress import Ingress
+
+    cls = Ingress.func_or_class
+    ingress = object.__new__(cls)
+    seen = {"closed": False, "settled": None}
+
+    async def router_stream():
+        try:
+            for tok in ("a", "b", "c"):
+                yield tok
+        finally:
+            seen["closed"] = True  # where the router gives back the model slot
+
+    class Ticket:
+        async def settle(self, cost):
+            seen["settled"] = cost
+
+    async def client():
+        items = router_stream()
+        events = cls._sse(ingress, "r1", "c1", "m", None, items, {"model": "m"}, Ticket(), 0.5)
+        await events.__anext__()  # the role chunk
+        await events.__anext__()  # "a"
+        gc.disable()  # a reference cycle or a late collection must not be what frees the slot
+        try:
+            await events.aclose()  # the client disconnected
+            return seen["closed"]
+        finally:
+            gc.enable()
+
+    closed_at_once = asyncio.run(client())
+    assert closed_at_once, "the router's stream (and its model slot) was left open after the client left"
+    assert seen["settled"] == 0.5
