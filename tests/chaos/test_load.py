@@ -82,7 +82,9 @@ def test_random_replica_killer_soak(pool_app, slow_ok, figures):
     # Random kills can take out the only replica of both fallback models at once (`backup`, `spare`); a
     # request whose first model fails then runs into its 3 s deadline: a 504, an answer, not a hang (a fresh-
     # clone CI run saw 6 of 354). The <= 1% bar is the single-kill scenario's (above); here <= 3%, and only
-    # the failure statuses the gateway documents.
-    assert set(stats["non_2xx_by"]) <= {"502", "503", "504"}, stats
+    # the failure statuses the gateway documents. A stream whose model replica dies after its first token
+    # cannot be moved to another model (the client holds part of an answer): it ends with the documented
+    # error event and [DONE] (a fresh-clone CI run saw 1 of 414).
+    assert set(stats["non_2xx_by"]) <= {"502", "503", "504", "200-stream-error-event"}, stats
     assert stats["non_2xx"] <= 0.03 * stats["requests"], stats
     assert stats["p99_s"] <= 10.0, stats
