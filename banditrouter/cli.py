@@ -378,7 +378,7 @@ def queue_eval(
     policies: str = typer.Option(
         "acqb,acqb_ts,linucb,barp,greedy,random,random_pool,oracle",
         "--policies",
-        help="Comma-separated, from acqb, acqb_ts, acqb_eps, linucb, barp, greedy, random, random_pool, oracle.",
+        help="Comma-separated, from acqb, acqb_ts, acqb_eps, linucb, barp, greedy, random, random_pool, oracle, clairvoyant.",
     ),
     features: str = typer.Option(
         "projection",

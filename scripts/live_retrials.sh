@@ -7,6 +7,7 @@
 #
 #   scripts/live_retrials.sh                   # 3000 requests at 6/s (best model: 2 slots / 0.5 s = 4/s)
 #   N=300 RATE=6 OUT=/tmp/lr scripts/live_retrials.sh   # a short run
+#   POLICIES=acqb OUT=reports/live_retrials_serving scripts/live_retrials.sh   # one policy (no comparison)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,7 @@ N=${N:-3000}
 RATE=${RATE:-6}
 SEED=${SEED:-0}
 OUT=${OUT:-reports/live_retrials}
+POLICIES=${POLICIES:-acqb linucb}
 URL=http://127.0.0.1:8030 # server.port in both configs
 BR=.venv/bin/banditrouter
 mkdir -p "$OUT"
@@ -44,8 +46,14 @@ run() {
     [ "$status" -eq 0 ] || { echo "simulate failed ($status)"; exit "$status"; }
 }
 
-run acqb configs/online-acqb.yaml
-run linucb configs/online-linucb-implicit.yaml
+for policy in $POLICIES; do
+    case $policy in
+    acqb) run acqb configs/online-acqb.yaml ;;
+    linucb) run linucb configs/online-linucb-implicit.yaml ;;
+    *) echo "unknown policy $policy (acqb, linucb)" && exit 2 ;;
+    esac
+done
+[ -f "$OUT/acqb/online.json" ] && [ -f "$OUT/linucb/online.json" ] || exit 0 # the comparison needs both
 
 .venv/bin/python - "$OUT" <<'EOF'
 import json, sys

@@ -15,3 +15,45 @@ def prompts(data_dir):
     log = load_dataset("routerbench", "test").with_models(POOL)
     short = [i for i, p in enumerate(log.prompts) if len(p) < 400][:200]
     return log.subset(np.asarray(short))
+
+
+def wait_until(pred, timeout_s: float = 30.0, every: float = 0.1):
+    """Poll `pred` until it returns something truthy (returned) or `timeout_s` passes (its last value)."""
+    import time
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(every)
+    return pred()
+
+
+def serve_online_linucb(tmp, prompts, port: int, app: str, *, fused: bool = False):
+    """A generator for a module fixture: LinUCB over POOL (replay backends) learning online with small learner
+    batches, two router replicas (`fused`: inside the two ingress replicas), served at 127.0.0.1:`port`;
+    yields the config, then deletes the app, stops Serve and the learner actors."""
+    from ray import serve
+
+    from banditrouter.config import load_config
+    from banditrouter.policies import make_policy, save_checkpoint
+    from deployments.app import build_app
+    from learner.actors import kill_actors
+
+    ckpt = save_checkpoint(make_policy("linucb", POOL, 384, tau=float(np.nanquantile(prompts.costs, 0.95))), tmp / "linucb.pt")
+    cfg = load_config(
+        {
+            "policy": {"name": "linucb", "checkpoint": str(ckpt), "explore": True},
+            "embedder": {"ray_actor_options": {"num_cpus": 0.5}},
+            "router": {"fused": fused, "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.1}},
+            "learning": {"enabled": True, "state_dir": str(tmp / "state"), "batch_size": 4, "max_wait_s": 0.2},
+            "models": [{"name": m, "replay": {"split": "test"}} for m in POOL],
+        }
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name=app, route_prefix="/")
+    yield cfg
+    serve.delete(app)
+    serve.shutdown()  # the next module starts Serve on its own port
+    kill_actors()

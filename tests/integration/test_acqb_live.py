@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.integration.conftest import POOL
+from tests.integration.conftest import POOL, wait_until
 
 pytestmark = pytest.mark.slow  # ~75 s here: Serve, the buffer and learner actors, 1 s replay calls
 
@@ -72,16 +72,6 @@ def route(text: str, user: str | None = None, timeout: float = 60) -> requests.R
 
 def stats() -> dict:
     return requests.get(f"{BASE}/v1/learner/stats", timeout=30).json()
-
-
-def wait_until(pred, timeout_s: float = 30.0):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.2)
-    return pred()
 
 
 def test_the_pool_is_bounded_503_with_retry_after_and_decisions_carry_the_queue(live, prompts):

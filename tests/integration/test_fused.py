@@ -6,13 +6,11 @@ and close them are unit-tested in tests/unit/test_bench.py."""
 from __future__ import annotations
 
 import json
-import time
 
-import numpy as np
 import pytest
 import requests
 
-from tests.integration.conftest import POOL
+from tests.integration.conftest import POOL, serve_online_linucb, wait_until
 
 PORT = 8019
 BASE = f"http://127.0.0.1:{PORT}"
@@ -21,45 +19,12 @@ APP = "fused-test"
 
 @pytest.fixture(scope="module")
 def fused(ray_local, tmp_path_factory, prompts):
-    from ray import serve
-
-    from banditrouter.config import load_config
-    from banditrouter.policies import make_policy, save_checkpoint
-    from deployments.app import build_app
-    from learner.actors import kill_actors
-
-    tmp = tmp_path_factory.mktemp("fused")
-    ckpt = save_checkpoint(make_policy("linucb", POOL, 384, tau=float(np.nanquantile(prompts.costs, 0.95))), tmp / "linucb.pt")
-    cfg = load_config(
-        {
-            "policy": {"name": "linucb", "checkpoint": str(ckpt), "explore": True},
-            "embedder": {"ray_actor_options": {"num_cpus": 0.5}},
-            "router": {"fused": True, "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.1}},
-            "learning": {"enabled": True, "state_dir": str(tmp / "state"), "batch_size": 4, "max_wait_s": 0.2},
-            "models": [{"name": m, "replay": {"split": "test"}} for m in POOL],
-        }
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(cfg), name=APP, route_prefix="/")
-    yield cfg
-    serve.delete(APP)
-    serve.shutdown()
-    kill_actors()
+    yield from serve_online_linucb(tmp_path_factory.mktemp("fused"), prompts, PORT, APP, fused=True)
 
 
 def _route(text: str, **extra) -> requests.Response:
     body = {"model": "router", "messages": [{"role": "user", "content": text}], **extra}
     return requests.post(f"{BASE}/v1/chat/completions", json=body, timeout=60)
-
-
-def _wait(pred, timeout_s: float = 30.0):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    return pred()
 
 
 def test_fused_app_has_no_router_deployment(fused):
@@ -97,7 +62,7 @@ def test_fused_router_routes_streams_and_records(fused, prompts):
     def events():
         return requests.get(f"{BASE}/v1/routing/events", params={"n": 50}, timeout=30).json()["events"]
 
-    held = _wait(events)
+    held = wait_until(events)
     assert held and all(e["decision_id"] and "context" not in e for e in held)
 
 
@@ -114,12 +79,12 @@ def test_feedback_reaches_both_fused_replicas(fused, prompts):
             ).status_code
             == 200
         )
-    v1 = _wait(lambda: stats()["learner"]["version"] > v0 and stats()["learner"]["version"])
+    v1 = wait_until(lambda: stats()["learner"]["version"] > v0 and stats()["learner"]["version"])
     assert v1, "the learner consumed the fused routers' decisions and the feedback"
 
     def replicas_at_v1():
         log = requests.get(f"{BASE}/v1/learner/installs", timeout=30).json()["installs"]
         return len({i["replica"] for i in log if i["version"] >= v1}) >= 2
 
-    assert _wait(replicas_at_v1), "both fused replicas long-poll the learner and install the new version"
-    assert _wait(lambda: _route(prompts.prompts[30]).json()["routing"]["policy_version"] >= v1, 10)
+    assert wait_until(replicas_at_v1), "both fused replicas long-poll the learner and install the new version"
+    assert wait_until(lambda: _route(prompts.prompts[30]).json()["routing"]["policy_version"] >= v1, 10)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.integration.conftest import POOL
+from tests.integration.conftest import POOL, serve_online_linucb
 
 PORT = 8015
 BASE = f"http://127.0.0.1:{PORT}"
@@ -26,30 +26,7 @@ APP = "online-test"
 
 @pytest.fixture(scope="module")
 def online(ray_local, tmp_path_factory, prompts):
-    from ray import serve
-
-    from banditrouter.config import load_config
-    from banditrouter.policies import make_policy, save_checkpoint
-    from deployments.app import build_app
-    from learner.actors import kill_actors
-
-    tmp = tmp_path_factory.mktemp("online")
-    ckpt = save_checkpoint(make_policy("linucb", POOL, 384, tau=float(np.nanquantile(prompts.costs, 0.95))), tmp / "linucb.pt")
-    cfg = load_config(
-        {
-            "policy": {"name": "linucb", "checkpoint": str(ckpt), "explore": True},
-            "embedder": {"ray_actor_options": {"num_cpus": 0.5}},
-            "router": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.1}},
-            "learning": {"enabled": True, "state_dir": str(tmp / "state"), "batch_size": 4, "max_wait_s": 0.2},
-            "models": [{"name": m, "replay": {"split": "test"}} for m in POOL],
-        }
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(cfg), name=APP, route_prefix="/")
-    yield cfg
-    serve.delete(APP)
-    serve.shutdown()  # the next module starts Serve on its own port
-    kill_actors()
+    yield from serve_online_linucb(tmp_path_factory.mktemp("online"), prompts, PORT, APP)
 
 
 def route(text: str, user: str | None = None, timeout: float = 60) -> requests.Response:
