@@ -197,7 +197,6 @@ def learner_absorb(cfg: AppConfig, checkpoint: Path, samples: int = 1600, seed: 
     settings = LearnerSettings(
         batch_size=batch, max_wait_s=lc.max_wait_s, replay_steps=lc.replay_steps, replay_relabel=lc.replay_relabel
     )
-    serving = getattr(policy, "serving_state_dict", policy.state_dict)
     with tempfile.TemporaryDirectory(prefix="bench-learner-") as tmp:
         buf = EventBuffer(Path(tmp) / "events.sqlite")
         learner = Learner(policy, Path(tmp) / "learner", settings)
@@ -211,7 +210,7 @@ def learner_absorb(cfg: AppConfig, checkpoint: Path, samples: int = 1600, seed: 
             t = time.perf_counter()
             learner.consume(buf.log.read(learner.read_after(), 2000))
             if learner.update(commit=False) is not None:
-                pickle.dumps(serving(), protocol=5)
+                pickle.dumps(policy.serving_state_dict(), protocol=5)
                 learner.commit()
             t_learner += time.perf_counter() - t
         learned = learner.counts["samples"]

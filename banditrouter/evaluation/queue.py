@@ -263,7 +263,8 @@ def run_policy(name: str, seed: int, steps: int | None = None) -> dict[str, Any]
     policy = _make_learner(name, table, seed, _WORKER.get("projection"))
     rng = np.random.default_rng([seed, QUEUE_POLICIES.index(name)])
     fifo = name in AT_ARRIVAL
-    clairvoyant = utility_table(table, cfg.preference, clairvoyant=True) if name == "clairvoyant" else None
+    # what the greedy references rank by: the theta*-oracle by `util` (what it knows), the clairvoyant by the truth
+    ranking = utility_table(table, cfg.preference, clairvoyant=True) if name == "clairvoyant" else util
     queues: list[deque] = [deque() for _ in range(env.n_models)]
     propensity: dict[int, float] = {}
     new = info["arrivals"]
@@ -296,11 +297,8 @@ def run_policy(name: str, seed: int, steps: int | None = None) -> dict[str, Any]
             pool, rows = env.waiting(cfg.window)
             if len(pool) == 0:
                 sel, arms, props = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
-            elif name == "oracle":
-                sel, arms = greedy_assignment(util[rows], cap)
-                props = np.ones(len(sel))
-            elif name == "clairvoyant":
-                sel, arms = greedy_assignment(clairvoyant[rows], cap)
+            elif name in ("oracle", "clairvoyant"):
+                sel, arms = greedy_assignment(ranking[rows], cap)
                 props = np.ones(len(sel))
             elif name == "random_pool":
                 sel, arms = random_pairs(rng, len(pool), cap)

@@ -509,7 +509,6 @@ class ACQB(Policy):
     # state
     # ====================================================================================================
     def _params(self):
-        self._check_trainable("be saved as a training checkpoint (state_dict)")
         params = {
             "theta": self.theta.copy(),
             "H": self.H.copy(),
