@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,17 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def wait_for(pred, timeout_s: float = 30.0, every_s: float = 0.2):
+    """Poll `pred` until it returns something truthy (returned) or `timeout_s` passes (its last value)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(every_s)
+    return pred()
 
 
 def write_jsonl(path: Path, log, n: int | None = None) -> Path:

@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 import requests
 
+from tests.conftest import wait_for
+
 PORT = 8021
 BASE = f"http://127.0.0.1:{PORT}"
 HERE = Path(__file__).resolve().parent
@@ -377,16 +379,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def wait_for(pred, timeout_s: float = 30.0, every_s: float = 0.2):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every_s)
-    return pred()
 
 
 def router_info(app: str) -> dict:

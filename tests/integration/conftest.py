@@ -17,19 +17,6 @@ def prompts(data_dir):
     return log.subset(np.asarray(short))
 
 
-def wait_until(pred, timeout_s: float = 30.0, every: float = 0.1):
-    """Poll `pred` until it returns something truthy (returned) or `timeout_s` passes (its last value)."""
-    import time
-
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    return pred()
-
-
 def serve_online_linucb(tmp, prompts, port: int, app: str, *, fused: bool = False):
     """A generator for a module fixture: LinUCB over POOL (replay backends) learning online with small learner
     batches, two router replicas (`fused`: inside the two ingress replicas), served at 127.0.0.1:`port`;

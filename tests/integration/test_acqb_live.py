@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import requests
 
-from tests.integration.conftest import POOL, wait_until
+from tests.conftest import wait_for
+from tests.integration.conftest import POOL
 
 pytestmark = pytest.mark.slow  # ~75 s here: Serve, the buffer and learner actors, 1 s replay calls
 
@@ -117,13 +118,13 @@ def test_retrials_train_acqb_without_explicit_feedback(live, prompts):
         st = stats()
         return st if st["learner"]["counts"].get("retrial", 0) >= 3 and st["learner"]["version"] > v0 else None
 
-    st = wait_until(learned, 30)
+    st = wait_for(learned, 30)
     assert st, stats()
     assert st["learner"]["counts"].get("explicit", 0) == before["learner"]["counts"].get("explicit", 0) == 0
     assert st["buffer"]["events"].get("retrial", 0) >= 3
     assert st["learner"]["policy"] == "acqb"
     # the routers serve the new version
-    assert wait_until(lambda: requests.get(f"{BASE}/health", timeout=30).json()["policy_version"] > v0, 10)
+    assert wait_for(lambda: requests.get(f"{BASE}/health", timeout=30).json()["policy_version"] > v0, 10)
 
 
 def test_open_loop_simulation_smoke(live, tmp_path, data_dir):

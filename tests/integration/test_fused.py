@@ -10,7 +10,8 @@ import json
 import pytest
 import requests
 
-from tests.integration.conftest import POOL, serve_online_linucb, wait_until
+from tests.conftest import wait_for
+from tests.integration.conftest import POOL, serve_online_linucb
 
 PORT = 8019
 BASE = f"http://127.0.0.1:{PORT}"
@@ -62,7 +63,7 @@ def test_fused_router_routes_streams_and_records(fused, prompts):
     def events():
         return requests.get(f"{BASE}/v1/routing/events", params={"n": 50}, timeout=30).json()["events"]
 
-    held = wait_until(events)
+    held = wait_for(events)
     assert held and all(e["decision_id"] and "context" not in e for e in held)
 
 
@@ -79,12 +80,12 @@ def test_feedback_reaches_both_fused_replicas(fused, prompts):
             ).status_code
             == 200
         )
-    v1 = wait_until(lambda: stats()["learner"]["version"] > v0 and stats()["learner"]["version"])
+    v1 = wait_for(lambda: stats()["learner"]["version"] > v0 and stats()["learner"]["version"])
     assert v1, "the learner consumed the fused routers' decisions and the feedback"
 
     def replicas_at_v1():
         log = requests.get(f"{BASE}/v1/learner/installs", timeout=30).json()["installs"]
         return len({i["replica"] for i in log if i["version"] >= v1}) >= 2
 
-    assert wait_until(replicas_at_v1), "both fused replicas long-poll the learner and install the new version"
-    assert wait_until(lambda: _route(prompts.prompts[30]).json()["routing"]["policy_version"] >= v1, 10)
+    assert wait_for(replicas_at_v1), "both fused replicas long-poll the learner and install the new version"
+    assert wait_for(lambda: _route(prompts.prompts[30]).json()["routing"]["policy_version"] >= v1, 10)

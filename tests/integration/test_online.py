@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import requests
 
+from tests.conftest import wait_for
 from tests.integration.conftest import POOL, serve_online_linucb
 
 PORT = 8015
@@ -48,16 +49,6 @@ def stats() -> dict:
     return requests.get(f"{BASE}/v1/learner/stats", timeout=30).json()
 
 
-def wait_until(pred, timeout_s: float = 30.0):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    return pred()
-
-
 def _wait_gone(names, timeout_s: float = 30.0) -> None:
     import ray
 
@@ -72,7 +63,7 @@ def _wait_gone(names, timeout_s: float = 30.0) -> None:
                 pass
         return True
 
-    assert wait_until(gone, timeout_s), f"actors {names} still registered"
+    assert wait_for(gone, timeout_s), f"actors {names} still registered"
 
 
 def test_64_pollers_get_each_version_within_2s_while_the_learner_updates(ray_local, tmp_path, data_dir):
@@ -229,9 +220,9 @@ def test_feedback_reaches_every_router_replica_quickly(online, prompts):
     for i in range(8):
         d = route(prompts.prompts[10 + i]).json()["routing"]["decision_id"]
         assert feedback(d, float(prompts.scores[10 + i].max())).status_code == 200
-    v1 = wait_until(lambda: stats()["learner"]["version"] > v0 and stats()["learner"]["version"])
+    v1 = wait_for(lambda: stats()["learner"]["version"] > v0 and stats()["learner"]["version"])
     assert v1
-    installs = wait_until(
+    installs = wait_for(
         lambda: (
             len(
                 {
@@ -306,7 +297,7 @@ def _all_logged_once(buffer, decision_ids, with_feedback: bool, timeout_s: float
         dec, exp = counts()
         return set(decision_ids) <= set(dec) and (not with_feedback or set(decision_ids) <= set(exp))
 
-    wait_until(done, timeout_s)
+    wait_for(done, timeout_s)
     return counts()
 
 
@@ -411,7 +402,7 @@ def test_learner_killed_mid_update_restarts_and_counts_every_event_once(online, 
     threads = [threading.Thread(target=_load, args=(prompts, 25, 40 + 25 * t, results)) for t in range(3)]
     for t in threads:
         t.start()
-    assert wait_until(lambda: ray.get(learner.__ray_call__.remote(lambda self: self._in_update.is_set()), timeout=30), 60)
+    assert wait_for(lambda: ray.get(learner.__ray_call__.remote(lambda self: self._in_update.is_set()), timeout=30), 60)
     ray.kill(learner, no_restart=False)  # mid-update; max_restarts=-1: Ray restarts it
     for t in threads:
         t.join()
@@ -457,7 +448,7 @@ def test_retrial_is_detected(online, prompts):
     text = prompts.prompts[5]
     assert route(text, user="retrier").status_code == 200
     assert route(text, user="retrier").status_code == 200
-    assert wait_until(lambda: stats()["buffer"]["events"].get("retrial", 0) == before + 1, 5)
+    assert wait_for(lambda: stats()["buffer"]["events"].get("retrial", 0) == before + 1, 5)
 
 
 def test_cold_start_reset_pushes_an_untrained_policy(online, prompts):
@@ -477,4 +468,4 @@ def test_cold_start_reset_pushes_an_untrained_policy(online, prompts):
     fresh = ray.get(fresh)
     assert v1 == r.json()["version"]
     assert not np.abs(fresh["params"]["b"]).any() and np.allclose(fresh["params"]["A"], np.eye(387)[None])
-    assert wait_until(lambda: route(prompts.prompts[40]).json()["routing"]["policy_version"] >= v1, 10)
+    assert wait_for(lambda: route(prompts.prompts[40]).json()["routing"]["policy_version"] >= v1, 10)

@@ -280,21 +280,17 @@ def test_parse_seeds():
             parse_seeds(bad)
 
 
+def _quiet_eval(tmp_path, table, **kw):
+    """run_queue_eval on a synthetic table, raw features, one seed and one worker unless `kw` says otherwise,
+    without progress bars or log lines."""
+    opts = dict(seeds=[0], features="none", workers=1, rate_steps=400, progress=False, log_fn=lambda *_: None)
+    return run_queue_eval("synthetic", tmp_path, table=table, **{**opts, **kw})
+
+
 def test_queue_eval_smoke_writes_the_documented_shape(tmp_path):
     table = synthetic_table(n=200, dim=6, n_arms=3, seed=0, satisfaction="logistic")
-    res = run_queue_eval(
-        "synthetic",
-        tmp_path,
-        steps=40,
-        seeds=[0, 1],
-        satisfaction="logistic",
-        policies=["acqb", "linucb", "oracle"],
-        features="none",
-        table=table,
-        workers=2,
-        rate_steps=400,
-        progress=False,
-        log_fn=lambda *_: None,
+    res = _quiet_eval(
+        tmp_path, table, steps=40, seeds=[0, 1], satisfaction="logistic", policies=["acqb", "linucb", "oracle"], workers=2
     )
     data = json.loads((tmp_path / "queue.json").read_text())
     assert {"dataset", "load", "steps", "seeds", "satisfaction", "policies"} <= set(data)
@@ -329,21 +325,7 @@ def test_queue_eval_policies_learn_from_the_retrial_signal(tmp_path):
     """ACQB sees only retried / not retried; if that signal were lost or inverted it would do no better than
     random scheduling (gain 6: which model satisfies depends strongly on the context)."""
     table = synthetic_table(n=300, dim=6, n_arms=3, seed=0, satisfaction="logistic", reg=0.1)
-    res = run_queue_eval(
-        "synthetic",
-        tmp_path,
-        steps=400,
-        seeds=[0],
-        satisfaction="logistic",
-        policies=["acqb", "random_pool", "oracle"],
-        features="none",
-        capacity=2,
-        table=table,
-        workers=1,
-        rate_steps=400,
-        progress=False,
-        log_fn=lambda *_: None,
-    )
+    res = _quiet_eval(tmp_path, table, steps=400, satisfaction="logistic", policies=["acqb", "random_pool", "oracle"], capacity=2)
     p = res.results["policies"]
     assert p["acqb"]["regret"][-1][1] < 0.5 * p["random_pool"]["regret"][-1][1]
     assert p["acqb"]["satisfaction"] > p["random_pool"]["satisfaction"] + 0.05
@@ -386,20 +368,7 @@ def test_logged_mode_oracle_knows_theta_star_not_the_outcome(tmp_path):
     clairvoyant_rate = service_rate(table.success, 1)
     assert env.rate.rate == theta_rate.rate
     assert clairvoyant_rate.rate > theta_rate.rate + 4 * (clairvoyant_rate.stderr + theta_rate.stderr)
-    res = run_queue_eval(
-        "synthetic",
-        tmp_path,
-        steps=300,
-        seeds=[0],
-        satisfaction="logged",
-        policies=["oracle", "clairvoyant"],
-        features="none",
-        table=table,
-        workers=1,
-        rate_steps=400,
-        progress=False,
-        log_fn=lambda *_: None,
-    )
+    res = _quiet_eval(tmp_path, table, steps=300, satisfaction="logged", policies=["oracle", "clairvoyant"])
     pol = res.results["policies"]
     assert all(v == 0 for _, v in pol["oracle"]["regret"])
     assert pol["clairvoyant"]["satisfaction"] > pol["oracle"]["satisfaction"]
