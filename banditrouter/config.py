@@ -63,6 +63,14 @@ class PolicyConfig(_Strict):
 class EmbedderConfig(_Strict):
     batch_size: int = Field(32, ge=1, le=1024, description="Largest batch `serve.batch` forms.")
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="How long a batch waits to fill.")
+    encode_on_loop_max_chars: int = Field(
+        512,
+        ge=0,
+        description="Encode a batch on the replica's event loop when its longest prompt has at most this many characters:"
+        " requests that arrive meanwhile form the next batch, and no second thread competes with the loop for the GIL."
+        " Longer batches encode in a worker thread, so the replica keeps handling requests while they run. 0: always a"
+        " thread. README, 'Routing overhead', has both measured.",
+    )
     device: Literal["cpu", "cuda", "auto"] = Field(
         "auto", description="auto: cuda when a GPU is visible (torch backend; the onnx backends always run on the CPU)."
     )

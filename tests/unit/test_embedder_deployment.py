@@ -1,0 +1,109 @@
+"""The embedder deployment's batching: where the encode runs (the replica's event loop, or a worker thread)
+and what batches form under concurrent calls. No Ray: the deployment class is driven on a plain event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from banditrouter.config import EmbedderConfig
+from deployments.embedder import EmbedderDeployment
+
+
+class _Histogram:
+    def __init__(self):
+        self.values: list[float] = []
+
+    def observe(self, v: float) -> None:
+        self.values.append(v)
+
+
+@pytest.fixture(autouse=True)
+def _replica_context(monkeypatch):
+    """`serve.batch` reads the replica's max_ongoing_requests; outside Serve there is no replica to ask."""
+    import ray.serve.batching
+
+    ctx = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=256))
+    monkeypatch.setattr(ray.serve.batching.serve, "get_replica_context", lambda: ctx)
+    # the batch queue belongs to the decorated method (one per replica process) and to the loop it was made
+    # on: each test's asyncio.run needs a fresh one
+    queue_holder = EmbedderDeployment.func_or_class.embed_batch.set_max_batch_size.__self__
+    queue_holder._queue = None
+    yield
+    queue_holder._queue = None
+
+
+def _replica(loop_max_chars: int, encode_s: float = 0.05):
+    """The deployment object without its model: `encode` records its thread and sleeps like a model would."""
+    dep = object.__new__(EmbedderDeployment.func_or_class)
+    calls: list[tuple[int, list[str]]] = []
+
+    def encode(texts):
+        calls.append((threading.get_ident(), list(texts)))
+        time.sleep(encode_s)
+        return np.stack([np.full(4, len(t), dtype=np.float32) for t in texts])
+
+    dep._encode = encode
+    dep.loop_max_chars = loop_max_chars
+    dep.metrics = SimpleNamespace(batch_size=_Histogram(), batch_s=_Histogram())
+    dep.batches = dep.prompts = 0
+    dep.busy_s = 0.0
+    return dep, calls
+
+
+async def _burst(dep, texts):
+    """One call, then the rest while the first one encodes. (The batch queue is made here, on the running loop,
+    as Serve makes it on the replica's.)"""
+    dep.embed_batch.set_max_batch_size(32)
+    dep.embed_batch.set_batch_wait_timeout_s(0.0)
+    first = asyncio.ensure_future(dep(texts[0]))
+    await asyncio.sleep(0.01)
+    rest = [asyncio.ensure_future(dep(t)) for t in texts[1:]]
+    return await asyncio.gather(first, *rest), threading.get_ident()
+
+
+def test_the_default_encodes_short_prompts_on_the_loop_and_long_ones_in_a_thread():
+    assert EmbedderConfig().encode_on_loop_max_chars == 512
+    with pytest.raises(ValueError):
+        EmbedderConfig(encode_on_loop_max_chars=-1)
+
+
+@pytest.mark.parametrize(
+    ("loop_max_chars", "texts", "on_loop"),
+    [
+        (512, ["a", "bb", "ccc", "dddd", "eeeee"], True),
+        (0, ["a", "bb", "ccc", "dddd", "eeeee"], False),
+        (512, ["x" * 600, "y" * 700, "z" * 800], False),  # long prompts: a thread, whatever the setting allows
+    ],
+)
+def test_encode_runs_where_the_prompt_length_says_and_answers_each_caller(loop_max_chars, texts, on_loop):
+    dep, calls = _replica(loop_max_chars)
+    vecs, loop_thread = asyncio.run(_burst(dep, texts))
+    # each caller gets its own prompt's vector, whatever batch it rode in
+    assert [int(v[0]) for v in vecs] == [len(t) for t in texts]
+    threads = {t for t, _ in calls}
+    assert (threads == {loop_thread}) is on_loop
+    assert loop_thread not in threads or on_loop
+    assert dep.prompts == len(texts) and dep.batches == len(calls)
+    assert dep.metrics.batch_size.values == [float(len(b)) for _, b in calls]
+
+
+def test_a_batch_with_one_long_prompt_encodes_in_a_thread():
+    dep, calls = _replica(loop_max_chars=10)
+    texts = ["short", "x" * 11]
+    _, loop_thread = asyncio.run(_burst(dep, texts))
+    assert [b for _, b in calls] == [texts[:1], texts[1:]]
+    assert calls[0][0] == loop_thread and calls[1][0] != loop_thread
+
+
+def test_calls_that_arrive_during_an_encode_on_the_loop_form_the_next_batch():
+    dep, calls = _replica(loop_max_chars=512)
+    texts = [f"prompt {i}" for i in range(6)]
+    asyncio.run(_burst(dep, texts))
+    assert [b for _, b in calls] == [texts[:1], texts[1:]]
+    assert dep.stats()["mean_batch_size"] == 3.0
