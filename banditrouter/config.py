@@ -67,9 +67,9 @@ class EmbedderConfig(_Strict):
         512,
         ge=0,
         description="Encode a batch on the replica's event loop when its longest prompt has at most this many characters:"
-        " requests that arrive meanwhile form the next batch, and no second thread competes with the loop for the GIL."
-        " Longer batches encode in a worker thread, so the replica keeps handling requests while they run. 0: always a"
-        " thread. README, 'Routing overhead', has both measured.",
+        " requests that arrive meanwhile form the next batch, and no worker thread is added beside the loop. Longer"
+        " batches encode in a worker thread. 0: always a thread. Applies to the torch backend on the CPU without"
+        " `cache` (where it was measured); otherwise always a thread. README, 'Routing overhead', has both measured.",
     )
     device: Literal["cpu", "cuda", "auto"] = Field(
         "auto", description="auto: cuda when a GPU is visible (torch backend; the onnx backends always run on the CPU)."

@@ -167,7 +167,7 @@ EMBED_BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
 
 class EmbedderMetrics:
     """What the embedder replica exports: the size of each batch `serve.batch` formed and the seconds it
-    took (small batches under load mean the embedder is fed too slowly to amortise its per-call cost)."""
+    took (with the encode in a worker thread, batches stay at one under load; on the event loop they grow)."""
 
     def __init__(self):
         self.batch_size = Histogram(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from banditrouter.config import EmbedderConfig
-from deployments.embedder import EmbedderDeployment
+from deployments.embedder import EmbedderDeployment, loop_max_chars
 
 
 class _Histogram:
@@ -33,9 +33,7 @@ def _replica_context(monkeypatch):
     # the batch queue belongs to the decorated method (one per replica process) and to the loop it was made
     # on: each test's asyncio.run needs a fresh one
     queue_holder = EmbedderDeployment.func_or_class.embed_batch.set_max_batch_size.__self__
-    queue_holder._queue = None
-    yield
-    queue_holder._queue = None
+    monkeypatch.setattr(queue_holder, "_queue", None)  # raises if Serve renames it
 
 
 def _replica(loop_max_chars: int, encode_s: float = 0.05):
@@ -64,13 +62,45 @@ async def _burst(dep, texts):
     first = asyncio.ensure_future(dep(texts[0]))
     await asyncio.sleep(0.01)
     rest = [asyncio.ensure_future(dep(t)) for t in texts[1:]]
-    return await asyncio.gather(first, *rest), threading.get_ident()
+    return await asyncio.wait_for(asyncio.gather(first, *rest), 10), threading.get_ident()
 
 
-def test_the_default_encodes_short_prompts_on_the_loop_and_long_ones_in_a_thread():
+async def _trickle(dep, texts, every_s=0.005):
+    """Calls that arrive one by one, every `every_s`, from another thread, as requests reach a replica while
+    it encodes: on the loop they queue and form one batch; in a thread each finds the loop free."""
+    dep.embed_batch.set_max_batch_size(32)
+    dep.embed_batch.set_batch_wait_timeout_s(0.0)
+    loop = asyncio.get_running_loop()
+
+    def send():
+        out = []
+        for t in texts:
+            out.append(asyncio.run_coroutine_threadsafe(dep(t), loop))
+            time.sleep(every_s)
+        return out
+
+    futures = await asyncio.to_thread(send)
+    return await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, futures)), 10)
+
+
+def test_the_setting_defaults_to_512_characters_and_refuses_negatives():
     assert EmbedderConfig().encode_on_loop_max_chars == 512
     with pytest.raises(ValueError):
         EmbedderConfig(encode_on_loop_max_chars=-1)
+
+
+@pytest.mark.parametrize(
+    ("settings", "device", "expected"),
+    [
+        ({}, "cpu", 512),
+        ({"encode_on_loop_max_chars": 2000}, "cpu", 2000),
+        ({}, "cuda", 0),  # a GPU encode releases the GIL: the thread stays
+        ({"backend": "onnx"}, "cpu", 0),  # so does ONNX Runtime's
+        ({"cache": True}, "cpu", 0),  # the cache's SQLite reads and writes must not block the loop
+    ],
+)
+def test_the_loop_is_used_only_where_it_was_measured(settings, device, expected):
+    assert loop_max_chars(EmbedderConfig(**settings), device) == expected
 
 
 @pytest.mark.parametrize(
@@ -93,17 +123,29 @@ def test_encode_runs_where_the_prompt_length_says_and_answers_each_caller(loop_m
     assert dep.metrics.batch_size.values == [float(len(b)) for _, b in calls]
 
 
-def test_a_batch_with_one_long_prompt_encodes_in_a_thread():
+def test_the_longest_prompt_in_the_batch_decides():
     dep, calls = _replica(loop_max_chars=10)
-    texts = ["short", "x" * 11]
+    texts = ["a", "b", "x" * 11]
     _, loop_thread = asyncio.run(_burst(dep, texts))
-    assert [b for _, b in calls] == [texts[:1], texts[1:]]
+    assert [b for _, b in calls] == [["a"], ["b", "x" * 11]]
     assert calls[0][0] == loop_thread and calls[1][0] != loop_thread
 
 
-def test_calls_that_arrive_during_an_encode_on_the_loop_form_the_next_batch():
-    dep, calls = _replica(loop_max_chars=512)
-    texts = [f"prompt {i}" for i in range(6)]
-    asyncio.run(_burst(dep, texts))
-    assert [b for _, b in calls] == [texts[:1], texts[1:]]
-    assert dep.stats()["mean_batch_size"] == 3.0
+def test_zero_means_always_a_thread_even_for_empty_prompts():
+    dep, calls = _replica(loop_max_chars=0)
+    _, loop_thread = asyncio.run(_burst(dep, ["", ""]))
+    assert loop_thread not in {t for t, _ in calls}
+
+
+@pytest.mark.parametrize("on_loop", [True, False])
+def test_calls_that_arrive_during_an_encode_on_the_loop_form_the_next_batch(on_loop):
+    dep, calls = _replica(loop_max_chars=512 if on_loop else 0, encode_s=0.3)
+    texts = [f"prompt {i}" for i in range(8)]
+    asyncio.run(_trickle(dep, texts, every_s=0.005))
+    batches = [b for _, b in calls]
+    assert [t for b in batches for t in b] == texts
+    if on_loop:
+        # the first encode blocks the loop while the other seven arrive: they come through as one batch
+        assert batches == [texts[:1], texts[1:]]
+    else:
+        assert len(batches) > 2
