@@ -47,13 +47,14 @@ def embedder_threads(cfg: AppConfig) -> int:
 def raw_embedder(cfg: AppConfig, prompts: list[str], single: int = 100) -> dict:
     import torch
 
-    from banditrouter.embeddings import Embedder
+    from banditrouter.embeddings import Embedder, embedder_device
 
     threads = embedder_threads(cfg)
     torch.set_num_threads(threads)
-    # the same backend the embedder deployment runs (embedder.backend), so routed / raw compares like with like
+    # the backend and device the embedder deployment runs, so routed / raw compares like with like
+    device = embedder_device(cfg.embedder)
     emb = Embedder(
-        device="cpu", batch_size=cfg.embedder.batch_size, cache=False, backend=cfg.embedder.backend, num_threads=threads
+        device=device, batch_size=cfg.embedder.batch_size, cache=False, backend=cfg.embedder.backend, num_threads=threads
     )
     emb.encode(prompts[:8])  # load and warm up
     t0 = time.perf_counter()
@@ -64,7 +65,7 @@ def raw_embedder(cfg: AppConfig, prompts: list[str], single: int = 100) -> dict:
         t = time.perf_counter()
         emb.encode([p])
         lat.append(time.perf_counter() - t)
-    return {"raw_embedder_rps": rps, "single_embed_p50_ms": 1e3 * float(np.median(lat))}
+    return {"raw_embedder_rps": rps, "single_embed_p50_ms": 1e3 * float(np.median(lat)), "embedder_device": device}
 
 
 async def _drive(url: str, prompts: list[str], requests: int, concurrency: int, progress) -> dict:

@@ -27,6 +27,20 @@ BACKENDS = ("torch", "onnx", "onnx-int8")
 """torch: sentence-transformers fp32 (the reference); onnx: ONNX Runtime fp32; onnx-int8: dynamically quantised."""
 
 
+def embedder_device(cfg) -> str:
+    """The device an embedder replica of this `EmbedderConfig` encodes on: the onnx backends on the CPU;
+    `device: auto` on the GPU only when the replica reserves one (`ray_actor_options.num_gpus`) and torch sees
+    it. `banditrouter bench` uses the same rule for its raw half, so routed / raw compares one device."""
+    if cfg.backend != "torch":
+        return "cpu"
+    if cfg.device != "auto":
+        return cfg.device
+    import torch
+
+    reserves_gpu = float(cfg.ray_actor_options.get("num_gpus", 0) or 0) > 0
+    return "cuda" if reserves_gpu and torch.cuda.is_available() else "cpu"
+
+
 def cache_model_name(backend: str, model: str = MODEL_NAME) -> str:
     """The cache's model name for a backend: torch keeps the plain name (existing caches stay valid)."""
     if backend not in BACKENDS:

@@ -30,12 +30,9 @@ class EmbedderDeployment:
     def __init__(self, cfg: EmbedderConfig):
         import torch
 
-        from banditrouter.embeddings import Embedder
+        from banditrouter.embeddings import Embedder, embedder_device
 
-        if cfg.backend != "torch":
-            device = "cpu"  # onnxruntime's CPU build; the config refuses device: cuda with it
-        else:
-            device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = embedder_device(cfg)
         threads = cfg.num_threads or max(1, int(cfg.ray_actor_options.get("num_cpus", 1) or 1))
         torch.set_num_threads(threads)
         self.embedder = Embedder(

@@ -155,3 +155,50 @@ def test_the_bench_measures_the_raw_embedder_with_the_configured_backend(monkeyp
     out = raw_embedder(cfg, ["a", "b", "c"], single=2)
     assert made and made[0]["backend"] == "onnx-int8" and made[0]["num_threads"] == 2
     assert out["raw_embedder_rps"] > 0
+
+
+def test_the_bench_measures_the_raw_embedder_on_the_replicas_device(monkeypatch):
+    """A GPU config's routed figure must be divided by a GPU raw figure: the raw half ran on the CPU
+    whatever embedder.device said."""
+    import torch
+
+    import banditrouter.embeddings as embeddings
+    from banditrouter.bench import raw_embedder
+    from banditrouter.config import load_config
+
+    made = []
+
+    class Recording:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+        def encode(self, texts):
+            return np.zeros((len(texts), 384), dtype=np.float32)
+
+    monkeypatch.setattr(embeddings, "Embedder", Recording)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = {"device": "auto", "ray_actor_options": {"num_cpus": 1, "num_gpus": 1}}
+    cfg = load_config({"embedder": gpu, "models": [{"name": "a"}, {"name": "b"}]})
+    out = raw_embedder(cfg, ["a", "b", "c"], single=2)
+    assert made[0]["device"] == "cuda" and out["embedder_device"] == "cuda"
+
+
+@pytest.mark.parametrize(
+    ("settings", "gpu_visible", "expected"),
+    [
+        ({"device": "cuda"}, False, "cuda"),  # explicit: as configured (torch then says if it can)
+        ({"device": "cpu"}, True, "cpu"),
+        ({"device": "auto", "ray_actor_options": {"num_gpus": 1}}, True, "cuda"),
+        ({"device": "auto", "ray_actor_options": {"num_gpus": 1}}, False, "cpu"),
+        ({"device": "auto"}, True, "cpu"),  # a replica that reserves no GPU does not encode on one
+        ({"device": "auto", "backend": "onnx", "ray_actor_options": {"num_gpus": 1}}, True, "cpu"),
+    ],
+)
+def test_the_embedder_device_rule(monkeypatch, settings, gpu_visible, expected):
+    import torch
+
+    from banditrouter.config import EmbedderConfig
+    from banditrouter.embeddings import embedder_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu_visible)
+    assert embedder_device(EmbedderConfig(**settings)) == expected
