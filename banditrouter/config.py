@@ -149,6 +149,12 @@ class RouterConfig(_Strict):
         " max_ongoing_requests + max_queued_requests the proxy answers Serve's plain-text 503 (no JSON ingress 503 in"
         " between); the router's queue_capacity bound still answers the JSON one first.",
     )
+    handles_on_loop: bool = Field(
+        True,
+        description="Run the Serve request routing of the router's handles (to the embedder and the models) on the"
+        " replica's own event loop instead of Serve's router thread (the handle option `_run_router_in_separate_loop"
+        "=False`): no thread hop per call. README, 'Routing overhead', has it measured (+11% routed on short prompts).",
+    )
     context_turns: int = Field(
         1,
         ge=1,

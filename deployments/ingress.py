@@ -435,6 +435,7 @@ class Ingress:
             "tau": info["tau"],
             "learning": self.buffer is not None,
             "models": list(self.models),
+            "serve_handles": info.get("serve_handles"),
         }
 
     def _learning(self):

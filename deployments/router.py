@@ -87,6 +87,17 @@ def _replica_gone_errors() -> tuple[type[BaseException], ...]:
     return (RayActorError, ActorUnavailableError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 
+def on_current_loop(handle) -> None:
+    """Initialise a Serve handle so that its request routing (replica choice, dispatch) runs on the calling
+    event loop instead of Serve's shared router thread: `_init(_run_router_in_separate_loop=False)`, the
+    per-handle form of what Serve's throughput mode sets for every handle. Anything else (a test fake, a handle
+    already in use) is left as it is."""
+    from ray.serve.handle import DeploymentHandle
+
+    if isinstance(handle, DeploymentHandle) and not handle.is_initialized:
+        handle._init(_run_router_in_separate_loop=False)
+
+
 def _cause(e: BaseException) -> BaseException:
     """The exception a Ray task raised, without Ray's wrapper."""
     cause = getattr(e, "cause", None)
@@ -346,6 +357,7 @@ class Router:
         self.pool_version = text_key(",".join(sorted(models)))[:12]
         self.buffer = self.learner = self.shipper = None
         self._sync_task: asyncio.Task | None = None
+        self._handles_init = False
         self.weights = {"installed": 0, "rejected": 0, "last_error": None}
         from banditrouter.metrics import RouterMetrics
 
@@ -448,7 +460,18 @@ class Router:
             self._synced = asyncio.Event()
             self._sync_task = loop.create_task(self._sync_weights())
 
+    def _init_handles(self) -> None:
+        """router.handles_on_loop: on the first request, on the loop that serves it, bind the handles' Serve
+        routing to that loop (a handle is initialised once; one the ingress used first keeps its thread)."""
+        if self._handles_init:
+            return
+        self._handles_init = True
+        if self.cfg.router.handles_on_loop:
+            for handle in (self.embedder, *self.models.values()):
+                on_current_loop(handle)
+
     async def _ensure_sync(self) -> None:
+        self._init_handles()
         if self.learner is None:
             return
         self._start_sync()
@@ -548,7 +571,7 @@ class Router:
             policy=self.policy.name,
             policy_version=d.policy_version,
             preference=tuple(req.preference),
-            context=[float(v) for v in x],
+            context=x.tolist(),  # float32 -> Python floats in one C call
             context_ref=text_key(req.prompt),
             cost_usd=self._failure_cost(req, model, outcome) if failed else (result.cost_usd if result else None),
             latency_s=lat,
@@ -559,7 +582,7 @@ class Router:
             turn_ref=text_ref(req.turn if req.turn is not None else req.prompt),
             answer_ref=text_ref(result.text) if result is not None and not failed else None,
             history_refs=tuple(req.history_refs),
-            turn_context=None if turn_x is None else [float(v) for v in turn_x],
+            turn_context=None if turn_x is None else turn_x.tolist(),
             queue_wait_s=getattr(d, "queue_wait_s", None),
             queue_length=getattr(d, "queue_length", None),
             requested_at=req.arrived_at,
@@ -618,7 +641,7 @@ class Router:
             prompt=req.prompt,
             max_tokens=req.max_tokens,
             temperature=req.temperature,
-            context=x.tolist(),
+            context=x,  # the array itself: Ray pickles its buffer, not 384 Python floats
             **({"passthrough": dict(req.passthrough)} if req.passthrough else {}),
         )
 
@@ -934,8 +957,17 @@ class Router:
             "pacing": self.pacer.info(),
             "delivery": self.shipper.stats() if self.shipper is not None else None,
             "replica": self._replica(),
+            "serve_handles": self._handles_where(),
             "time": time.time(),
         }
+
+    def _handles_where(self) -> str | None:
+        """Where the embedder handle's Serve routing runs: "replica loop" (router.handles_on_loop), "router
+        thread" (Serve's default), or None before the first request (or for a test fake)."""
+        init = getattr(self.embedder, "init_options", None)
+        if init is None:
+            return None
+        return "router thread" if init._run_router_in_separate_loop else "replica loop"
 
     def _pool_info(self) -> dict | None:
         """The waiting pool of a queue-aware policy (None for FIFO): waiting, capacity, per-model slots in use

@@ -57,6 +57,8 @@ def test_fused_router_routes_streams_and_records(fused, prompts):
 
     health = requests.get(f"{BASE}/health", timeout=30).json()  # auth: none on loopback: the full view
     assert health["policy"] == "linucb" and set(health["models"]) == set(POOL)
+    # router.handles_on_loop (default): the handles route on the replica's loop, no thread hop per call
+    assert health["serve_handles"] == "replica loop"
 
     # each request lands on one of the two fused replicas and each replica keeps its own decisions: both
     # requests may have gone to one replica, so ask until a replica that holds some answers (no embeddings)
