@@ -35,7 +35,8 @@ GROUPS = (
     ("models", "ServeReplica:banditrouter:model:"),
     ("proxy", "ProxyActor"),
     ("controller", "ServeController"),
-    ("load_generator", "banditrouter bench"),
+    ("load_generator", ("banditrouter bench", "banditrouter.cli bench")),
+    ("profiler", ("py-spy", "profile_serving.py")),
     ("ray_daemons", ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env")),
 )
 FUNCTIONS = {
@@ -110,8 +111,9 @@ def main() -> None:
     ap.add_argument("--window-s", type=float, default=20.0)
     ap.add_argument("--py-spy", action="store_true", help="also sample the ingress and embedder replicas")
     args = ap.parse_args()
-    if args.py_spy and not shutil.which("py-spy"):
-        sys.exit("--py-spy: py-spy is not on PATH (pip install py-spy)")
+    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if args.py_spy and not py_spy:
+        sys.exit("--py-spy: py-spy is neither on PATH nor beside this Python (pip install py-spy)")
     tmp = Path(tempfile.mkdtemp(prefix="profile_serving_"))
     bench_json = tmp / "bench.json"
     cmd = [sys.executable, "-m", "banditrouter.cli", "bench", "--config", args.config, "--requests", str(args.requests)]
@@ -140,7 +142,7 @@ def main() -> None:
             pid = _pid_of(f"ServeReplica:banditrouter:{name}")
             if pid is not None:
                 out = tmp / f"{name}.txt"
-                spy = ["py-spy", "record", "-p", str(pid), "-d", str(int(args.window_s)), "-r", "50", "-f", "raw"]
+                spy = [py_spy, "record", "-p", str(pid), "-d", str(int(args.window_s)), "-r", "50", "-f", "raw"]
                 spy += ["-o", str(out), "--nonblocking"]
                 spies.append((name, out, subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
     a, t0 = _snapshot(), time.monotonic()

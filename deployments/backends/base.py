@@ -5,10 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    import numpy as np
+from typing import Any, Protocol
 
 CHARS_PER_TOKEN = 4.0
 """Token counts are estimated as characters / 4 where the backend reports none (replay)."""
@@ -26,8 +23,8 @@ class CompletionRequest:
     """The text the router embedded and a replay log is keyed by (the user turns, joined)."""
     max_tokens: int | None = None
     temperature: float | None = None
-    context: np.ndarray | list[float] | None = None
-    """The prompt's embedding (float32, as the router computed it), when it did."""
+    context: list[float] | None = None
+    """The prompt's embedding, when the router already computed it."""
     passthrough: dict[str, Any] | None = None
     """OpenAI request fields forwarded as sent to an upstream that supports them (`n`, `tools`, `tool_choice`,
     `response_format`; deployments/gateway/parsing.py). The ingress refuses them (400) for a backend that

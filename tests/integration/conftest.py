@@ -17,9 +17,10 @@ def prompts(data_dir):
     return log.subset(np.asarray(short))
 
 
-def serve_online_linucb(tmp, prompts, port: int, app: str, *, fused: bool = False):
+def serve_online_linucb(tmp, prompts, port: int, app: str, *, fused: bool = False, handles_on_loop: bool = False):
     """A generator for a module fixture: LinUCB over POOL (replay backends) learning online with small learner
-    batches, two router replicas (`fused`: inside the two ingress replicas), served at 127.0.0.1:`port`;
+    batches, two router replicas (`fused`: inside the two ingress replicas; `handles_on_loop`: their Serve handles
+    route on the replica's loop), served at 127.0.0.1:`port`;
     yields the config, then deletes the app, stops Serve and the learner actors."""
     from ray import serve
 
@@ -33,7 +34,12 @@ def serve_online_linucb(tmp, prompts, port: int, app: str, *, fused: bool = Fals
         {
             "policy": {"name": "linucb", "checkpoint": str(ckpt), "explore": True},
             "embedder": {"ray_actor_options": {"num_cpus": 0.5}},
-            "router": {"fused": fused, "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.1}},
+            "router": {
+                "fused": fused,
+                "handles_on_loop": handles_on_loop,
+                "num_replicas": 2,
+                "ray_actor_options": {"num_cpus": 0.1},
+            },
             "learning": {"enabled": True, "state_dir": str(tmp / "state"), "batch_size": 4, "max_wait_s": 0.2},
             "models": [{"name": m, "replay": {"split": "test"}} for m in POOL],
         }

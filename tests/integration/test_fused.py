@@ -20,7 +20,8 @@ APP = "fused-test"
 
 @pytest.fixture(scope="module")
 def fused(ray_local, tmp_path_factory, prompts):
-    yield from serve_online_linucb(tmp_path_factory.mktemp("fused"), prompts, PORT, APP, fused=True)
+    # router.handles_on_loop too: routing, streaming, feedback and the weight sync with the handles on the loop
+    yield from serve_online_linucb(tmp_path_factory.mktemp("fused"), prompts, PORT, APP, fused=True, handles_on_loop=True)
 
 
 def _route(text: str, **extra) -> requests.Response:
@@ -57,7 +58,7 @@ def test_fused_router_routes_streams_and_records(fused, prompts):
 
     health = requests.get(f"{BASE}/health", timeout=30).json()  # auth: none on loopback: the full view
     assert health["policy"] == "linucb" and set(health["models"]) == set(POOL)
-    # router.handles_on_loop (default): the handles route on the replica's loop, no thread hop per call
+    # router.handles_on_loop: the handles route on the replica's loop, not on Serve's router thread
     assert health["serve_handles"] == "replica loop"
 
     # each request lands on one of the two fused replicas and each replica keeps its own decisions: both

@@ -1,6 +1,6 @@
 """The replay backend answers a prompt it has not logged from its nearest logged prompt, by the embedding the
-router sends in `CompletionRequest.context`: since issue 13 (fewer copies) the float32 array itself, before a
-list of floats. Both must give the same answer, and neither may embed the prompt again."""
+router sends in `CompletionRequest.context` (a list of floats; an array works the same) without embedding the
+prompt again."""
 
 from __future__ import annotations
 
