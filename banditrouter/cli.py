@@ -260,7 +260,9 @@ def bench(
         Path("configs/online.yaml"), "--learner-config", help="With --suite: the learning settings the learner bench uses."
     ),
 ):
-    """Raw embedder throughput vs routed end-to-end throughput and latency on the same prompts (prints JSON)."""
+    """Raw embedder throughput vs routed end-to-end throughput and latency on the same prompts (prints JSON).
+
+    The raw half runs in this process on the embedder's backend and device (`embedder_device` in the JSON)."""
     import json
 
     from banditrouter.bench import run_bench, run_suite

@@ -72,7 +72,10 @@ class EmbedderConfig(_Strict):
         " `cache` (where it was measured); otherwise always a thread. README, 'Routing overhead', has both measured.",
     )
     device: Literal["cpu", "cuda", "auto"] = Field(
-        "auto", description="auto: cuda when a GPU is visible (torch backend; the onnx backends always run on the CPU)."
+        "auto",
+        description="auto: cuda when torch sees a GPU in the replica (torch backend; the onnx backends always run on the"
+        " CPU). On a GPU node give the embedder ray_actor_options.num_gpus so Ray reserves one; cuda where torch sees"
+        " none is an error at start.",
     )
     backend: Literal["torch", "onnx", "onnx-int8"] = Field(
         "torch",
@@ -153,8 +156,7 @@ class RouterConfig(_Strict):
         False,
         description="Run the Serve request routing of the router's handles (to the embedder and the models) on the"
         " replica's own event loop instead of Serve's router thread (the handle option `_run_router_in_separate_loop"
-        "=False`): no thread hop per call. Off: in ten alternating runs it did not measurably change routed"
-        " throughput (README, 'Routing overhead').",
+        "=False`): no thread hop per call. Off: its measurements were inconclusive (README, 'Routing overhead').",
     )
     context_turns: int = Field(
         1,

@@ -28,17 +28,22 @@ BACKENDS = ("torch", "onnx", "onnx-int8")
 
 
 def embedder_device(cfg) -> str:
-    """The device an embedder replica of this `EmbedderConfig` encodes on: the onnx backends on the CPU;
-    `device: auto` on the GPU only when the replica reserves one (`ray_actor_options.num_gpus`) and torch sees
-    it. `banditrouter bench` uses the same rule for its raw half, so routed / raw compares one device."""
+    """The device an embedder of this `EmbedderConfig` encodes on in this process: the onnx backends on the
+    CPU; `device: auto` on the GPU when torch sees one. The embedder replica and `banditrouter bench`'s raw half
+    both use this rule, so routed / raw compares one device. ValueError for `device: cuda` where torch sees no
+    GPU (Ray reserves one for the replica only with `ray_actor_options.num_gpus`)."""
     if cfg.backend != "torch":
         return "cpu"
-    if cfg.device != "auto":
-        return cfg.device
     import torch
 
-    reserves_gpu = float(cfg.ray_actor_options.get("num_gpus", 0) or 0) > 0
-    return "cuda" if reserves_gpu and torch.cuda.is_available() else "cpu"
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "embedder.device is cuda but torch sees no GPU in this process (a CPU build of torch, no driver, or no"
+            " GPU on this node): use device: auto or cpu, or give the embedder ray_actor_options.num_gpus on a GPU node"
+        )
+    return cfg.device
 
 
 def cache_model_name(backend: str, model: str = MODEL_NAME) -> str:

@@ -962,12 +962,12 @@ class Router:
         }
 
     def _handles_where(self) -> str | None:
-        """Where the embedder handle's Serve routing runs: "replica loop" (router.handles_on_loop), "router
-        thread" (Serve's default), or None before the first request (or for a test fake)."""
-        init = getattr(self.embedder, "init_options", None)
-        if init is None:
-            return None
-        return "router thread" if init._run_router_in_separate_loop else "replica loop"
+        """Where the Serve routing of this router's handles (embedder, models) runs: "replica loop"
+        (router.handles_on_loop), "router thread" (Serve's default), "mixed" (a handle the ingress used first
+        keeps the thread), or None while none has been used (or for test fakes)."""
+        inits = [getattr(h, "init_options", None) for h in (self.embedder, *self.models.values())]
+        where = {"router thread" if i._run_router_in_separate_loop else "replica loop" for i in inits if i is not None}
+        return where.pop() if len(where) == 1 else ("mixed" if where else None)
 
     def _pool_info(self) -> dict | None:
         """The waiting pool of a queue-aware policy (None for FIFO): waiting, capacity, per-model slots in use

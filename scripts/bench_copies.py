@@ -109,10 +109,12 @@ def _per_call_us(fn, x: np.ndarray, dicts: int, repeats: int, rounds: int) -> fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=2000)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--ray", action="store_true", help="also time Ray's serialiser on the CompletionRequest")
+    ap.add_argument("--repeats", type=int, default=2000, help="requests timed per round")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds; the median round is reported")
+    ap.add_argument("--ray", action="store_true", help="also time Ray's serialiser on the CompletionRequest (sender side)")
     args = ap.parse_args()
+    if args.repeats < 1 or args.rounds < 1:
+        ap.error("--repeats and --rounds must be at least 1")
     x = np.random.default_rng(0).normal(size=384).astype(np.float32)
     x /= np.linalg.norm(x)
     same_event = before(x, 1) == after(x, 1)

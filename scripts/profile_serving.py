@@ -10,8 +10,10 @@ share of samples inside a few named functions (Serve's request path, our routing
 
     .venv/bin/python scripts/profile_serving.py --config configs/local.yaml --prompt-chars 200 --py-spy
 
-Linux only (/proc). py-spy is not a dependency: `pip install py-spy`. The profiler itself takes some CPU;
-the window's total shows it under "other".
+Linux only (/proc). py-spy is not a dependency: `pip install py-spy`; with several ingress or embedder
+replicas it samples the first of each. The profiler's own CPU shows under "profiler". The window must fall
+inside the bench's routed phase (routed phase ≥ warm-up + window; otherwise it exits 1: raise --requests).
+The bench's JSON, its log and the raw py-spy stacks stay in the temporary folder the output names.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -103,14 +106,17 @@ def _spy_shares(raw: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/local.yaml")
-    ap.add_argument("--prompt-chars", type=int, default=200, help="0: RouterBench prompts as they are")
-    ap.add_argument("--requests", type=int, default=1500)
-    ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--warmup-s", type=float, default=15.0, help="after 'is ready': the warm-up requests, then load")
-    ap.add_argument("--window-s", type=float, default=20.0)
+    ap.add_argument("--config", default="configs/local.yaml", help="banditrouter YAML config the bench serves")
+    ap.add_argument("--prompt-chars", type=int, default=200, help="cut prompts to this many characters; 0: as they are")
+    ap.add_argument("--requests", type=int, default=1500, help="routed requests the bench sends (enough to cover the window)")
+    ap.add_argument("--concurrency", type=int, default=16, help="concurrent HTTP clients")
+    ap.add_argument("--warmup-s", type=float, default=15.0, help="seconds after 'is ready' before the window starts")
+    ap.add_argument("--window-s", type=float, default=20.0, help="seconds of CPU (and py-spy) sampling")
+    ap.add_argument("--ready-timeout-s", type=float, default=600.0, help="give up if Serve is not ready by then")
     ap.add_argument("--py-spy", action="store_true", help="also sample the ingress and embedder replicas")
     args = ap.parse_args()
+    if args.requests < 1 or args.window_s <= 0 or args.warmup_s < 0 or args.prompt_chars < 0:
+        sys.exit("--requests must be >= 1, --window-s > 0, --warmup-s and --prompt-chars >= 0")
     py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if args.py_spy and not py_spy:
         sys.exit("--py-spy: py-spy is neither on PATH nor beside this Python (pip install py-spy)")
@@ -121,6 +127,21 @@ def main() -> None:
     if args.prompt_chars:
         cmd += ["--prompt-chars", str(args.prompt_chars)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    try:
+        out = _profile(args, proc, tmp, bench_json, py_spy)
+    finally:
+        if proc.poll() is None:  # interrupted or failed: let the bench shut Serve and Ray down, then stop it
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print(json.dumps(out, indent=2))
+    if not out["window_inside_routed_phase"]:
+        sys.exit("the window was not inside the routed phase: raise --requests (or lower --warmup-s / --window-s)")
+
+
+def _profile(args, proc: subprocess.Popen, tmp: Path, bench_json: Path, py_spy: str | None) -> dict:
     ready = threading.Event()
     log = tmp / "bench.log"
 
@@ -132,23 +153,28 @@ def main() -> None:
                     ready.set()
 
     threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + args.ready_timeout_s
     while not ready.wait(1.0):
         if proc.poll() is not None:
             sys.exit(f"bench ended before serving (exit {proc.returncode}); its output: {log}")
+        if time.monotonic() > deadline:
+            sys.exit(f"Serve was not ready within {args.ready_timeout_s:g} s; the bench's output: {log}")
     time.sleep(args.warmup_s)
     spies = []
     if args.py_spy:
         for name in ("ingress", "embedder"):
             pid = _pid_of(f"ServeReplica:banditrouter:{name}")
-            if pid is not None:
-                out = tmp / f"{name}.txt"
-                spy = [py_spy, "record", "-p", str(pid), "-d", str(int(args.window_s)), "-r", "50", "-f", "raw"]
-                spy += ["-o", str(out), "--nonblocking"]
-                spies.append((name, out, subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+            if pid is None:
+                continue
+            raw, err = tmp / f"{name}.txt", tmp / f"{name}.py-spy.log"
+            spy = [py_spy, "record", "-p", str(pid), "-d", str(max(1, round(args.window_s))), "-r", "50", "-f", "raw"]
+            spy += ["-o", str(raw), "--nonblocking"]
+            with err.open("w") as fh:
+                spies.append((name, raw, err, subprocess.Popen(spy, stdout=fh, stderr=subprocess.STDOUT)))
     a, t0 = _snapshot(), time.monotonic()
     time.sleep(args.window_s)
     b, window = _snapshot(), time.monotonic() - t0
-    for _, _, p in spies:
+    for _, _, _, p in spies:
         p.wait()
     if proc.wait() != 0:
         sys.exit(f"bench failed (exit {proc.returncode}); its output: {log}")
@@ -158,20 +184,25 @@ def main() -> None:
             cores[_group(cmdline)] += (cpu - a[pid][1]) / window
     bench = json.loads(bench_json.read_text())
     busy = sum(cores.values())
-    out = {
+    spy_out = {}
+    for name, raw, err, p in spies:
+        failed = p.returncode != 0 or not raw.exists()
+        spy_out[name] = {"error": err.read_text()[-500:] or f"exit {p.returncode}"} if failed else _spy_shares(raw)
+    return {
         "config": args.config,
         "prompt_max_chars": bench["prompt_max_chars"],
         "window_s": round(window, 1),
+        # the routed phase began after 'is ready' (and the bench's few warm-up requests) and lasted routed_wall_s
+        "window_inside_routed_phase": bench["routed_wall_s"] >= args.warmup_s + args.window_s,
         "routed_rps": round(bench["routed_rps"], 2),
         "ratio": round(bench["ratio"], 3),
         "cpus": os.cpu_count(),
         "cores_busy": round(busy, 2),
         "cpu_ms_per_routed_request": round(1e3 * busy / bench["routed_rps"], 1),
         "cores": {k: round(v, 3) for k, v in cores.most_common()},
-        "py_spy": {name: _spy_shares(out) for name, out, _ in spies if out.exists()},
-        "bench_json": str(bench_json),
+        "py_spy": spy_out,
+        "output_dir": str(tmp),
     }
-    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ BASE = f"http://127.0.0.1:{PORT}"
 APP = "fused-test"
 
 
-@pytest.fixture(scope="module")
-def fused(ray_local, tmp_path_factory, prompts):
-    # router.handles_on_loop too: routing, streaming, feedback and the weight sync with the handles on the loop
-    yield from serve_online_linucb(tmp_path_factory.mktemp("fused"), prompts, PORT, APP, fused=True, handles_on_loop=True)
+@pytest.fixture(scope="module", params=[False, True], ids=["handles-on-router-thread", "handles-on-loop"])
+def fused(request, ray_local, tmp_path_factory, prompts):
+    # both settings of router.handles_on_loop: the default (Serve's router thread) and the replica's loop
+    tmp = tmp_path_factory.mktemp("fused")
+    yield from serve_online_linucb(tmp, prompts, PORT, APP, fused=True, handles_on_loop=request.param)
 
 
 def _route(text: str, **extra) -> requests.Response:
@@ -58,8 +59,10 @@ def test_fused_router_routes_streams_and_records(fused, prompts):
 
     health = requests.get(f"{BASE}/health", timeout=30).json()  # auth: none on loopback: the full view
     assert health["policy"] == "linucb" and set(health["models"]) == set(POOL)
-    # router.handles_on_loop: the handles route on the replica's loop, not on Serve's router thread
-    assert health["serve_handles"] == "replica loop"
+    # router.handles_on_loop: the handles route on the replica's loop; by default on Serve's router thread. A
+    # replica that has routed nothing yet says null: ask until one that has answers
+    where = wait_for(lambda: requests.get(f"{BASE}/health", timeout=30).json()["serve_handles"])
+    assert where == ("replica loop" if fused.router.handles_on_loop else "router thread")
 
     # each request lands on one of the two fused replicas and each replica keeps its own decisions: both
     # requests may have gone to one replica, so ask until a replica that holds some answers (no embeddings)

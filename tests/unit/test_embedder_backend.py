@@ -135,13 +135,12 @@ def test_padding_does_not_change_an_embedding(exported):
     np.testing.assert_allclose(batched[0], alone[0], atol=1e-5)
 
 
-def test_the_bench_measures_the_raw_embedder_with_the_configured_backend(monkeypatch):
-    """routed / raw must compare like with like: `banditrouter bench` used torch whatever embedder.backend said."""
+@pytest.fixture
+def made_embedders(monkeypatch) -> list[dict]:
+    """The keyword arguments of every Embedder the code under test makes (a recording stand-in)."""
     import banditrouter.embeddings as embeddings
-    from banditrouter.bench import raw_embedder
-    from banditrouter.config import load_config
 
-    made = []
+    made: list[dict] = []
 
     class Recording:
         def __init__(self, **kwargs):
@@ -151,47 +150,43 @@ def test_the_bench_measures_the_raw_embedder_with_the_configured_backend(monkeyp
             return np.zeros((len(texts), 384), dtype=np.float32)
 
     monkeypatch.setattr(embeddings, "Embedder", Recording)
+    return made
+
+
+def test_the_bench_measures_the_raw_embedder_with_the_configured_backend(made_embedders):
+    """routed / raw must compare like with like: `banditrouter bench` used torch whatever embedder.backend said."""
+    from banditrouter.bench import raw_embedder
+    from banditrouter.config import load_config
+
     cfg = load_config({"embedder": {"backend": "onnx-int8", "num_threads": 2}, "models": [{"name": "a"}, {"name": "b"}]})
     out = raw_embedder(cfg, ["a", "b", "c"], single=2)
-    assert made and made[0]["backend"] == "onnx-int8" and made[0]["num_threads"] == 2
+    assert made_embedders[0]["backend"] == "onnx-int8" and made_embedders[0]["num_threads"] == 2
     assert out["raw_embedder_rps"] > 0
 
 
-def test_the_bench_measures_the_raw_embedder_on_the_replicas_device(monkeypatch):
+def test_the_bench_measures_the_raw_embedder_on_the_replicas_device(monkeypatch, made_embedders):
     """A GPU config's routed figure must be divided by a GPU raw figure: the raw half ran on the CPU
     whatever embedder.device said."""
     import torch
 
-    import banditrouter.embeddings as embeddings
     from banditrouter.bench import raw_embedder
     from banditrouter.config import load_config
 
-    made = []
-
-    class Recording:
-        def __init__(self, **kwargs):
-            made.append(kwargs)
-
-        def encode(self, texts):
-            return np.zeros((len(texts), 384), dtype=np.float32)
-
-    monkeypatch.setattr(embeddings, "Embedder", Recording)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    gpu = {"device": "auto", "ray_actor_options": {"num_cpus": 1, "num_gpus": 1}}
+    gpu = {"device": "cuda", "ray_actor_options": {"num_cpus": 1, "num_gpus": 1}}
     cfg = load_config({"embedder": gpu, "models": [{"name": "a"}, {"name": "b"}]})
     out = raw_embedder(cfg, ["a", "b", "c"], single=2)
-    assert made[0]["device"] == "cuda" and out["embedder_device"] == "cuda"
+    assert made_embedders[0]["device"] == "cuda" and out["embedder_device"] == "cuda"
 
 
 @pytest.mark.parametrize(
     ("settings", "gpu_visible", "expected"),
     [
-        ({"device": "cuda"}, False, "cuda"),  # explicit: as configured (torch then says if it can)
+        ({"device": "cuda"}, True, "cuda"),
         ({"device": "cpu"}, True, "cpu"),
-        ({"device": "auto", "ray_actor_options": {"num_gpus": 1}}, True, "cuda"),
-        ({"device": "auto", "ray_actor_options": {"num_gpus": 1}}, False, "cpu"),
-        ({"device": "auto"}, True, "cpu"),  # a replica that reserves no GPU does not encode on one
-        ({"device": "auto", "backend": "onnx", "ray_actor_options": {"num_gpus": 1}}, True, "cpu"),
+        ({"device": "auto"}, True, "cuda"),
+        ({"device": "auto"}, False, "cpu"),
+        ({"device": "auto", "backend": "onnx"}, True, "cpu"),  # onnxruntime's CPU build
     ],
 )
 def test_the_embedder_device_rule(monkeypatch, settings, gpu_visible, expected):
@@ -202,3 +197,14 @@ def test_the_embedder_device_rule(monkeypatch, settings, gpu_visible, expected):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu_visible)
     assert embedder_device(EmbedderConfig(**settings)) == expected
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
+    import torch
+
+    from banditrouter.config import EmbedderConfig
+    from banditrouter.embeddings import embedder_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="embedder.device is cuda but torch sees no GPU"):
+        embedder_device(EmbedderConfig(device="cuda"))

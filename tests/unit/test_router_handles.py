@@ -77,3 +77,16 @@ def test_the_router_binds_its_handles_to_its_loop_on_the_first_request_when_conf
     else:
         assert made == []  # left to Serve's default, set on first use
         assert router.info()["serve_handles"] is None
+
+
+def test_a_model_handle_the_ingress_used_first_keeps_the_thread_and_health_says_mixed(tmp_path):
+    made: list = []
+    router = _router(tmp_path, made, handles_on_loop=True)
+    router.models["a"]._init()  # a direct request to model a (the ingress shares these handles) came first
+
+    async def first_request():
+        await router._ensure_sync()
+
+    asyncio.run(first_request())
+    assert sorted(made) == [("embedder", False), ("model:a", True), ("model:b", False)]
+    assert router.info()["serve_handles"] == "mixed"
