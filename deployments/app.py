@@ -4,11 +4,15 @@ Serve config files: `import_path: deployments.app:app_builder`, `args: {config: 
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 from ray.serve import Application
 
 from banditrouter.config import AppConfig, load_config
+
+log = logging.getLogger(__name__)
 
 
 def _options(
@@ -53,6 +57,12 @@ def build_app(cfg: AppConfig) -> Application:
     from deployments.model import ModelDeployment
     from deployments.router import Router
 
+    if cfg.server.proxy == "haproxy" and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        log.warning(
+            "server.proxy is haproxy, but this process's environment lacks RAY_SERVE_ENABLE_HA_PROXY=1: the proxy is"
+            " whatever the Ray it deploys to started with (`banditrouter serve` sets it; for `serve run`, put it in"
+            " front of the command; for a cluster, in the environment of `ray start`). GET /health says which."
+        )
     models = {
         m.name: ModelDeployment.options(
             name=f"model:{m.name}",

