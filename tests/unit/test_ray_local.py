@@ -4,6 +4,7 @@ template and config class; tests/integration/test_haproxy.py checks the sockets 
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -71,16 +72,10 @@ def test_build_app_warns_when_haproxy_is_asked_for_but_not_in_the_environment(mo
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in caplog.text
 
 
-def test_haproxy_launcher_sets_the_parent_death_signal(tmp_path, monkeypatch):
-    """HAProxy outlived a killed Ray in 2 of 7 runs of test_haproxy.py's kill; the launcher execs it with
-    PR_SET_PDEATHSIG (SIGTERM). A stand-in binary reports the signal it was started with."""
-    import signal
-    import subprocess
+def _fake_haproxy(tmp_path):
+    """A stand-in HAProxy that prints the parent-death signal it was started with, then its arguments."""
     import sys
 
-    from banditrouter.ray_local import haproxy_launcher
-
-    monkeypatch.setenv("BANDITROUTER_CACHE_DIR", str(tmp_path / "cache"))
     real = tmp_path / "fake-haproxy"
     real.write_text(
         f"#!{sys.executable}\n"
@@ -90,8 +85,61 @@ def test_haproxy_launcher_sets_the_parent_death_signal(tmp_path, monkeypatch):
         "print(v.value, *sys.argv[1:])\n"
     )
     real.chmod(0o755)
+    return real
+
+
+def _run_under_a_ray_worker(cmd: list[str]):
+    """Run `cmd` from a parent whose command line starts with "ray::", as Ray's HAProxyManager worker's does."""
+    import shlex
+    import subprocess
+    import sys
+
+    spawn = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"
+    line = f"exec -a ray::HAProxyManager {shlex.quote(sys.executable)} -c {shlex.quote(spawn)} {shlex.join(cmd)}"
+    return subprocess.run(["bash", "-c", line], capture_output=True, text=True)
+
+
+def test_haproxy_launcher_sets_the_parent_death_signal(tmp_path, monkeypatch):
+    """HAProxy outlived a killed Ray in 2 of 7 runs of test_haproxy.py's kill; the launcher execs it with
+    PR_SET_PDEATHSIG (SIGTERM), and refuses to start it once the Ray worker that asked is gone."""
+    import signal
+    import subprocess
+
+    from banditrouter.ray_local import haproxy_launcher
+
+    monkeypatch.setenv("BANDITROUTER_CACHE_DIR", str(tmp_path / "cache"))
+    real = _fake_haproxy(tmp_path)
     assert subprocess.run([str(real)], capture_output=True, text=True).stdout.split() == ["0"]  # none by default
     launcher = haproxy_launcher(str(real))
     assert launcher == haproxy_launcher(str(real))  # written once, by content
-    out = subprocess.run([launcher, "-db", "-f", "x.cfg"], capture_output=True, text=True, check=True).stdout.split()
-    assert out == [str(int(signal.SIGTERM)), "-db", "-f", "x.cfg"]
+    out = _run_under_a_ray_worker([launcher, "-db", "-f", "x.cfg"])
+    assert out.stdout.split() == [str(int(signal.SIGTERM)), "-db", "-f", "x.cfg"], out.stderr
+    orphan = subprocess.run([launcher], capture_output=True, text=True)  # its parent is not a Ray worker
+    assert orphan.returncode != 0 and "is gone" in orphan.stderr and not orphan.stdout
+
+
+def test_init_local_ray_wraps_haproxy_once(tmp_path, monkeypatch):
+    """`proxy="haproxy"` points Ray at the launcher: Ray's binary by default, a user's own binary wrapped, and a
+    second start (bench --suite starts Ray twice) wraps the binary, not the previous launcher."""
+    import ray
+
+    from banditrouter import ray_local
+
+    monkeypatch.setenv("BANDITROUTER_CACHE_DIR", str(tmp_path / "cache"))
+    for var in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_BINARY_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        monkeypatch.setenv(var, "")  # restored after the test
+    monkeypatch.setattr(ray, "init", lambda **kw: kw)
+
+    ray_local.init_local_ray(proxy="haproxy")
+    first = os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"]
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and ray_local._is_launcher(first)
+    assert repr(ray_local._haproxy_binary()) in open(first).read()
+    ray_local.init_local_ray(proxy="haproxy")
+    assert os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] == first  # not a launcher of a launcher
+    own = _fake_haproxy(tmp_path)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(own))
+    ray_local.init_local_ray(proxy="haproxy")
+    wrapped = os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"]
+    assert ray_local._is_launcher(wrapped) and repr(str(own)) in open(wrapped).read()
+    ray_local.init_local_ray(proxy="serve")
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
