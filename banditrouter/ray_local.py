@@ -53,7 +53,7 @@ def bind_serve_servers_to_loopback() -> None:
 
     add_port_to_grpc_server.__wrapped__ = original
     tls_utils.add_port_to_grpc_server = add_port_to_grpc_server
-    replica = __import__("sys").modules.get("ray.serve._private.replica")
+    replica = sys.modules.get("ray.serve._private.replica")
     if replica is not None:  # imported already (not the case in a fresh worker): patch its reference too
         replica.add_port_to_grpc_server = add_port_to_grpc_server
     if os.environ.get(HAPROXY_ENV) == "1":
@@ -63,8 +63,6 @@ def bind_serve_servers_to_loopback() -> None:
 def bind_haproxy_listeners_to_frontend_host() -> None:
     """HAProxy's stats and Prometheus listeners bind the address its HTTP frontend binds (server.host; `*` when
     that is 0.0.0.0) instead of every interface. A template without those binds (another Ray) is left as it is."""
-    import sys
-
     from ray.serve._private import haproxy_templates
 
     template = haproxy_templates.HAPROXY_CONFIG_TEMPLATE

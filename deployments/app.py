@@ -11,6 +11,7 @@ from typing import Any
 from ray.serve import Application
 
 from banditrouter.config import AppConfig, load_config
+from banditrouter.ray_local import HAPROXY_ENV
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def build_app(cfg: AppConfig) -> Application:
     from deployments.model import ModelDeployment
     from deployments.router import Router
 
-    if cfg.server.proxy == "haproxy" and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+    if cfg.server.proxy == "haproxy" and os.environ.get(HAPROXY_ENV) != "1":
         log.warning(
             "server.proxy is haproxy, but this process's environment lacks RAY_SERVE_ENABLE_HA_PROXY=1: the proxy is"
             " whatever the Ray it deploys to started with (`banditrouter serve` sets it; for `serve run`, put it in"

@@ -52,13 +52,18 @@ def serve_online_linucb(tmp, prompts, port: int, app: str, *, fused: bool = Fals
     kill_actors()
 
 
-def listening_sockets(root_pid: int) -> dict[str, set[str]]:
-    """Listening TCP sockets of `root_pid`'s recursive children (a Ray it started): name -> {"ip:port"}."""
+def vendored_psutil():
+    """Ray's vendored psutil (importing ray puts it on sys.path)."""
     import importlib
 
-    import ray  # noqa: F401 (it puts Ray's vendored psutil on sys.path)
+    import ray  # noqa: F401
 
-    psutil = importlib.import_module("psutil")
+    return importlib.import_module("psutil")
+
+
+def listening_sockets(root_pid: int) -> dict[str, set[str]]:
+    """Listening TCP sockets of `root_pid`'s recursive children (a Ray it started): name -> {"ip:port"}."""
+    psutil = vendored_psutil()
 
     out: dict[str, set[str]] = {}
     for p in psutil.Process(root_pid).children(recursive=True):

@@ -19,7 +19,7 @@ import requests
 import yaml
 
 from tests.conftest import wait_for
-from tests.integration.conftest import POOL, beyond_loopback, listening_sockets
+from tests.integration.conftest import POOL, beyond_loopback, listening_sockets, vendored_psutil
 
 PORT = 8033
 BASE = f"http://127.0.0.1:{PORT}"
@@ -52,9 +52,8 @@ def haproxy_app(tmp_path_factory, data_dir):
     path = tmp / "haproxy.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ)
-    # HAProxy's stats and Prometheus ports are fixed (8404, 9101) unless set: free ones, so a `make run` beside
-    # the tests does not collide with this app
-    # (and the idle fallback proxy's 8500)
+    # HAProxy's stats and Prometheus ports and the idle fallback proxy's are fixed (8404, 9101, 8500) unless set:
+    # free ones, so a `make run` beside the tests does not collide with this app
     env.update(
         RAY_SERVE_HAPROXY_STATS_PORT=str(_free_port()),
         RAY_SERVE_HAPROXY_METRICS_PORT=str(_free_port()),
@@ -98,16 +97,8 @@ def haproxy_app(tmp_path_factory, data_dir):
         assert not left, f"HAProxy outlived the app: {left}"
 
 
-def _psutil():
-    import importlib
-
-    import ray  # noqa: F401 (it puts Ray's vendored psutil on sys.path)
-
-    return importlib.import_module("psutil")
-
-
 def _alive(procs) -> list[int]:
-    psutil = _psutil()
+    psutil = vendored_psutil()
     out = []
     for p in procs:
         try:
@@ -120,7 +111,7 @@ def _alive(procs) -> list[int]:
 
 def _haproxies(root_pid: int) -> list:
     """The HAProxy processes under `root_pid` (the app's Ray)."""
-    psutil = _psutil()
+    psutil = vendored_psutil()
     try:
         children = psutil.Process(root_pid).children(recursive=True)
     except psutil.NoSuchProcess:  # the app is gone (the last test kills it)
