@@ -12,6 +12,7 @@ import numpy as np
 from ray import serve
 
 from banditrouter.config import EmbedderConfig
+from deployments.threads import limit_blas_threads
 
 
 def loop_max_chars(cfg: EmbedderConfig, device: str) -> int:
@@ -28,6 +29,7 @@ def loop_max_chars(cfg: EmbedderConfig, device: str) -> int:
 @serve.deployment(name="embedder")
 class EmbedderDeployment:
     def __init__(self, cfg: EmbedderConfig):
+        limit_blas_threads()  # numpy's pool; torch's is set below
         import torch
 
         from banditrouter.embeddings import Embedder, embedder_device

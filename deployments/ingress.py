@@ -48,6 +48,7 @@ from deployments.gateway.auth import KeyStore, Principal, optional_principal, re
 from deployments.gateway.errors import ApiError, request_id
 from deployments.gateway.parsing import require_json
 from deployments.router import ModelTimeout, QueueFull, RouteRequest
+from deployments.threads import limit_blas_threads
 
 log = logging.getLogger("ray.serve")
 
@@ -139,6 +140,7 @@ def http_proxy() -> str:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, cfg: AppConfig, router, models: dict, embedder=None):
+        limit_blas_threads()
         from banditrouter.metrics import GatewayMetrics
         from deployments.gateway.budgets import Gate
         from deployments.gateway.cost import CostModel

@@ -6,11 +6,13 @@ from ray import serve
 
 from banditrouter.config import ModelConfig
 from deployments.backends import CompletionRequest, CompletionResult, make_backend
+from deployments.threads import limit_blas_threads
 
 
 @serve.deployment
 class ModelDeployment:
     def __init__(self, cfg: ModelConfig, llm_server=None):
+        limit_blas_threads()
         self.cfg = cfg
         self.backend = make_backend(cfg, llm_server)
 

@@ -67,6 +67,7 @@ from deployments.backends import BackendError, CompletionRequest, CompletionResu
 from deployments.conversation import text_ref
 from deployments.events import make_sink
 from deployments.scheduler import AdmissionQueue, Grant, PoolScheduler, QueueFull
+from deployments.threads import limit_blas_threads
 
 logger = logging.getLogger("ray.serve")
 
@@ -342,6 +343,7 @@ class LivePacer:
 @serve.deployment(name="router")
 class Router:
     def __init__(self, cfg: AppConfig, embedder, models: dict):
+        limit_blas_threads()
         from banditrouter.policies import load_checkpoint
 
         self.cfg = cfg
