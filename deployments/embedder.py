@@ -12,7 +12,7 @@ import numpy as np
 from ray import serve
 
 from banditrouter.config import EmbedderConfig
-from deployments.threads import limit_blas_threads
+from banditrouter.threads import limit_blas_threads
 
 
 def loop_max_chars(cfg: EmbedderConfig, device: str) -> int:

@@ -41,6 +41,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from banditrouter.config import AppConfig
 from banditrouter.schemas import new_id
+from banditrouter.threads import limit_blas_threads
 from deployments import conversation
 from deployments.backends import BackendError, CompletionRequest, CompletionResult
 from deployments.gateway import errors, parsing
@@ -48,7 +49,6 @@ from deployments.gateway.auth import KeyStore, Principal, optional_principal, re
 from deployments.gateway.errors import ApiError, request_id
 from deployments.gateway.parsing import require_json
 from deployments.router import ModelTimeout, QueueFull, RouteRequest
-from deployments.threads import limit_blas_threads
 
 log = logging.getLogger("ray.serve")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from ray import serve
 
 from banditrouter.config import ModelConfig
+from banditrouter.threads import limit_blas_threads
 from deployments.backends import CompletionRequest, CompletionResult, make_backend
-from deployments.threads import limit_blas_threads
 
 
 @serve.deployment

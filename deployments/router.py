@@ -63,11 +63,11 @@ from ray import serve
 from banditrouter.config import AppConfig
 from banditrouter.embeddings import text_key
 from banditrouter.schemas import DecisionEvent, FeedbackEvent, new_id
+from banditrouter.threads import limit_blas_threads
 from deployments.backends import BackendError, CompletionRequest, CompletionResult
 from deployments.conversation import text_ref
 from deployments.events import make_sink
 from deployments.scheduler import AdmissionQueue, Grant, PoolScheduler, QueueFull
-from deployments.threads import limit_blas_threads
 
 logger = logging.getLogger("ray.serve")
 

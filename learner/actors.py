@@ -27,6 +27,7 @@ import numpy as np
 import ray
 
 from banditrouter.config import AppConfig
+from banditrouter.threads import limit_blas_threads
 
 BUFFER_NAME = "banditrouter-buffer"
 LEARNER_NAME = "banditrouter-learner"
@@ -48,6 +49,7 @@ class BufferActor:
         max_tracked_users: int = 100_000,
         retrial_grace_s: float = 10.0,
     ):
+        limit_blas_threads()
         from learner.buffer import EventBuffer
 
         self.buffer = EventBuffer(
@@ -111,6 +113,7 @@ class LearnerActor:
     calls at once: every router replica keeps one open); learning runs in a thread."""
 
     def __init__(self, cfg: AppConfig):
+        limit_blas_threads()
         from banditrouter.policies import load_checkpoint, untrained_like
         from learner.core import Learner, LearnerSettings
 

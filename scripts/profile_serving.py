@@ -7,6 +7,7 @@ by what the process is (the embedder replica, the ingress replica with its fused
 Serve's proxy and controller, the load generator, Ray's own daemons). With `--py-spy` it also records the
 ingress and embedder replicas over the same window (50 Hz, `py-spy record --format raw`) and reports the
 share of samples inside a few named functions (Serve's request path, our routing code, Ray's metrics).
+`other_top` names the busiest processes of no group.
 
     .venv/bin/python scripts/profile_serving.py --config configs/local.yaml --prompt-chars 200 --py-spy
 
@@ -42,7 +43,10 @@ GROUPS = (
     ("controller", "ServeController"),
     ("load_generator", ("banditrouter bench", "banditrouter.cli bench")),
     ("profiler", ("py-spy", "profile_serving.py")),
-    ("ray_daemons", ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env")),
+    (
+        "ray_daemons",
+        ("raylet", "gcs_server", "dashboard", "DashboardAgent", "log_monitor", "monitor.py", "runtime_env", "RuntimeEnvAgent"),
+    ),
 )
 FUNCTIONS = {
     "sentence_transformers_encode": "encode (sentence_transformers",
@@ -181,9 +185,13 @@ def _profile(args, proc: subprocess.Popen, tmp: Path, bench_json: Path, py_spy: 
     if proc.wait() != 0:
         sys.exit(f"bench failed (exit {proc.returncode}); its output: {log}")
     cores: Counter = Counter()
+    others: Counter = Counter()  # what "other" is, process by process
     for pid, (cmdline, cpu) in b.items():
         if pid in a:
-            cores[_group(cmdline)] += (cpu - a[pid][1]) / window
+            used, group = (cpu - a[pid][1]) / window, _group(cmdline)
+            cores[group] += used
+            if group == "other" and used > 0:
+                others[f"{pid} {cmdline.strip()[:80] or '(kernel thread)'}"] += used
     bench = json.loads(bench_json.read_text())
     busy = sum(cores.values())
     spy_out = {}
@@ -202,6 +210,7 @@ def _profile(args, proc: subprocess.Popen, tmp: Path, bench_json: Path, py_spy: 
         "cores_busy": round(busy, 2),
         "cpu_ms_per_routed_request": round(1e3 * busy / bench["routed_rps"], 1),
         "cores": {k: round(v, 3) for k, v in cores.most_common()},
+        "other_top": [[proc, round(v, 3)] for proc, v in others.most_common(6)],
         "py_spy": spy_out,
         "output_dir": str(tmp),
     }
