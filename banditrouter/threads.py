@@ -38,10 +38,12 @@ def limit_blas_threads() -> int | None:
     """In a Ray worker, cap this process's BLAS pools (OpenBLAS, MKL; not torch's) at `blas_threads` of its CPUs
     and return that count; None, with nothing changed, outside a worker or where the user set a count."""
     cpus = replica_cpus()
-    if cpus is None or user_set_threads(blas_threads(cpus)):
+    if cpus is None:
+        return None
+    n = blas_threads(cpus)
+    if user_set_threads(n):
         return None
     from threadpoolctl import threadpool_limits
 
-    n = blas_threads(cpus)
     threadpool_limits(limits=n, user_api="blas")  # process-wide, for the actor's life
     return n
