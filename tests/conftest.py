@@ -37,6 +37,15 @@ def wait_for(pred, timeout_s: float = 30.0, every_s: float = 0.2):
     return pred()
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago (bound, then released): nothing listens there."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def write_jsonl(path: Path, log, n: int | None = None) -> Path:
     """Write a RoutingLog (or its first n prompts) in the documented JSONL format."""
     from banditrouter.data.loaders import write_jsonl as _write

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import wait_for
+from tests.conftest import free_port, wait_for
 
 PORT = 8021
 BASE = f"http://127.0.0.1:{PORT}"
@@ -296,12 +296,7 @@ EDGE_TIMEOUT_S = 5.0
 
 def unreachable_url() -> str:
     """An OpenAI base URL on 127.0.0.1 where nothing listens (a port bound, then released): connection refused."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
+    return f"http://127.0.0.1:{free_port()}/v1"
 
 
 @dataclass

@@ -11,13 +11,13 @@ process that starts Ray, so it is set here before the session's Ray starts.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 
+from tests.conftest import free_port
 from tests.integration.conftest import POOL
 
 PORT = 8031
@@ -66,12 +66,6 @@ class _Upstream(BaseHTTPRequestHandler):
         pass
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again when this returns: nothing listens there
-
-
 @pytest.fixture(scope="module")
 def gateway(ray_local, data_dir, tmp_path_factory):
     from ray import serve
@@ -105,7 +99,7 @@ def gateway(ray_local, data_dir, tmp_path_factory):
                 {
                     "name": "broken",
                     "backend": "openai",
-                    "openai": {"base_url": f"http://127.0.0.1:{_closed_port()}/v1", "max_retries": 0},
+                    "openai": {"base_url": f"http://127.0.0.1:{free_port()}/v1", "max_retries": 0},
                     **priced,
                 },
                 {

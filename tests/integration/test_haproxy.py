@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -18,17 +17,11 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import wait_for
+from tests.conftest import free_port, wait_for
 from tests.integration.conftest import POOL, beyond_loopback, listening_sockets, vendored_psutil
 
 PORT = 8033
 BASE = f"http://127.0.0.1:{PORT}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +48,9 @@ def haproxy_app(tmp_path_factory, data_dir):
     # HAProxy's stats and Prometheus ports and the idle fallback proxy's are fixed (8404, 9101, 8500) unless set:
     # free ones, so a `make run` beside the tests does not collide with this app
     env.update(
-        RAY_SERVE_HAPROXY_STATS_PORT=str(_free_port()),
-        RAY_SERVE_HAPROXY_METRICS_PORT=str(_free_port()),
-        RAY_SERVE_FALLBACK_PROXY_HTTP_PORT=str(_free_port()),
+        RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
+        RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
+        RAY_SERVE_FALLBACK_PROXY_HTTP_PORT=str(free_port()),
     )
     log = open(tmp / "serve.log", "w")
     proc = subprocess.Popen(

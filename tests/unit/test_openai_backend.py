@@ -11,6 +11,7 @@ import pytest
 
 from banditrouter.config import OpenAIBackendConfig
 from deployments.backends import BackendError, CompletionRequest, CompletionResult
+from tests.conftest import free_port
 
 
 async def _serve(handler):
@@ -152,11 +153,7 @@ def test_backend_error_says_whether_it_is_retryable_and_names_no_url(status, cal
 
 
 def test_an_unreachable_upstream_is_a_retryable_error_without_its_url():
-    import socket
-
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nothing listens on
     with pytest.raises(BackendError) as e:
         asyncio.run(_backend(f"http://127.0.0.1:{port}/v1", retries=1).complete(REQ))
     assert e.value.retryable and str(port) not in str(e.value)
