@@ -127,6 +127,9 @@ def routed(cfg: AppConfig, prompts: list[str], requests: int, concurrency: int, 
     ]
     # the chain is measured against the raw model: no embedding cache on the routed path either
     cfg = cfg.model_copy(update={"models": models, "embedder": cfg.embedder.model_copy(update={"cache": False})})
+    from deployments.backends.replay import warm_replay_indexes
+
+    warm_replay_indexes(cfg.models)  # the replay replicas' indexes from the cache, not built under load
     init_local_ray(log_to_driver=False, proxy=cfg.server.proxy)
     try:
         serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
@@ -142,6 +145,9 @@ def routed(cfg: AppConfig, prompts: list[str], requests: int, concurrency: int, 
         batches = after["batches"] - before["batches"]
         result["embedder_mean_batch_size"] = (after["prompts"] - before["prompts"]) / batches if batches else None
         result["embedder_busy_share"] = (after["busy_s"] - before["busy_s"]) / result["routed_wall_s"]
+        prompts_in = after["prompts"] - before["prompts"]
+        # handle calls the embedder took per prompt: 1 without router.coalesce_embeds, less with it
+        result["embedder_calls_per_prompt"] = (after["calls"] - before["calls"]) / prompts_in if prompts_in else None
         if unloaded:
             with tqdm(total=unloaded, desc="unloaded (concurrency 1)", disable=None) as bar:
                 one = asyncio.run(_drive(url, prompts, unloaded, 1, bar))

@@ -167,6 +167,20 @@ class RouterConfig(_Strict):
         " replica's own event loop instead of Serve's router thread (the handle option `_run_router_in_separate_loop"
         "=False`): no thread hop per call. Off: its measurements were inconclusive (README, 'Routing overhead').",
     )
+    coalesce_embeds: bool = Field(
+        True,
+        description="Coalesce the router's embedder calls: the prompts of concurrent requests go in one call (a list),"
+        " with at most embed_calls_in_flight calls outstanding; the first goes at once, the rest gather while calls are"
+        " in flight. Fewer calls for the embedder replica and the router to handle (README, 'Routing overhead')."
+        " Off: one embedder call per prompt.",
+    )
+    embed_calls_in_flight: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="With coalesce_embeds: embedder calls outstanding per router replica (default: 2 per embedder"
+        " replica, so each replica encodes one batch while the next waits in its queue).",
+    )
     context_turns: int = Field(
         1,
         ge=1,

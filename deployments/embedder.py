@@ -48,7 +48,7 @@ class EmbedderDeployment:
         from banditrouter.metrics import EmbedderMetrics
 
         self.metrics = EmbedderMetrics()
-        self.batches = self.prompts = 0
+        self.batches = self.prompts = self.calls = 0  # calls: handle calls taken (a coalesced list is one)
         self.busy_s = 0.0
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
@@ -68,13 +68,23 @@ class EmbedderDeployment:
         return list(vecs)
 
     def stats(self) -> dict:
-        """Batches formed, prompts embedded, their mean batch size and the seconds spent encoding."""
+        """Batches formed, prompts embedded, their mean batch size, the seconds spent encoding and the handle
+        calls taken."""
         return {
             "batches": self.batches,
             "prompts": self.prompts,
             "mean_batch_size": self.prompts / self.batches if self.batches else None,
             "busy_s": self.busy_s,
+            "calls": self.calls,
         }
 
     async def __call__(self, text: str) -> np.ndarray:
+        self.calls += 1
         return await self.embed_batch(text)
+
+    async def embed_many(self, texts: list[str]) -> np.ndarray:
+        """Several prompts in one call (a router that coalesces its calls): they join the replica's batch
+        queue like single calls, so one caller's list and other callers' prompts batch together."""
+        self.calls += 1
+        vecs = await asyncio.gather(*(self.embed_batch(t) for t in texts))
+        return np.stack(vecs)

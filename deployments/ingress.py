@@ -447,6 +447,7 @@ class Ingress:
             "learning": self.buffer is not None,
             "models": list(self.models),
             "serve_handles": info.get("serve_handles"),
+            "embedder_calls": info.get("embedder_calls"),
             "http_proxy": http_proxy(),
         }
 

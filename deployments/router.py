@@ -65,6 +65,7 @@ from banditrouter.embeddings import text_key
 from banditrouter.schemas import DecisionEvent, FeedbackEvent, new_id
 from banditrouter.threads import limit_blas_threads
 from deployments.backends import BackendError, CompletionRequest, CompletionResult
+from deployments.coalesce import Coalescer
 from deployments.conversation import text_ref
 from deployments.events import make_sink
 from deployments.scheduler import AdmissionQueue, Grant, PoolScheduler, QueueFull
@@ -354,6 +355,13 @@ class Router:
             raise ValueError(f"policy {cfg.policy.checkpoint} routes to {missing}, which the pool does not serve")
         self.embedder = embedder
         self.models = models
+        self.coalescer = None
+        if cfg.router.coalesce_embeds:
+            self.coalescer = Coalescer(
+                self._embed_many,
+                max_batch=cfg.embedder.batch_size,
+                max_in_flight=cfg.router.embed_calls_in_flight or 2 * cfg.embedder.num_replicas,
+            )
         self.pacer = LivePacer(cfg, self.policy.models, checkpoint_extra(cfg.policy.checkpoint))
         self.sink = make_sink(cfg.router.events_path)
         self.pool_version = text_key(",".join(sorted(models)))[:12]
@@ -612,12 +620,18 @@ class Router:
             return float(req.timeout_cost_usd.get(model, 0.0))
         return 0.0
 
+    async def _embed_many(self, texts: list[str]) -> np.ndarray:
+        return await self.embedder.embed_many.remote(texts)
+
     async def _embed(self, req: RouteRequest) -> tuple[np.ndarray, np.ndarray | None]:
         """The routing text's embedding, and the latest turn's when the routing text holds more (both
         requests go out at once)."""
         turn = req.turn if req.turn is not None and req.turn != req.prompt else None
-        calls = [self.embedder.remote(req.prompt)] + ([self.embedder.remote(turn)] if turn is not None else [])
-        embs = await asyncio.gather(*calls)
+        texts = [req.prompt] + ([turn] if turn is not None else [])
+        if self.coalescer is not None:  # router.coalesce_embeds: one embedder call for what waits meanwhile
+            embs = await asyncio.gather(*map(self.coalescer, texts))
+        else:
+            embs = await asyncio.gather(*(self.embedder.remote(t) for t in texts))
         x = np.asarray(embs[0], dtype=np.float32)
         return x, (np.asarray(embs[1], dtype=np.float32) if turn is not None else None)
 
@@ -960,6 +974,7 @@ class Router:
             "delivery": self.shipper.stats() if self.shipper is not None else None,
             "replica": self._replica(),
             "serve_handles": self._handles_where(),
+            "embedder_calls": self.coalescer.stats() if self.coalescer is not None else None,
             "time": time.time(),
         }
 

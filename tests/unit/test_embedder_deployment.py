@@ -49,7 +49,7 @@ def _replica(loop_max_chars: int, encode_s: float = 0.05):
     dep._encode = encode
     dep.loop_max_chars = loop_max_chars
     dep.metrics = SimpleNamespace(batch_size=_Histogram(), batch_s=_Histogram())
-    dep.batches = dep.prompts = 0
+    dep.batches = dep.prompts = dep.calls = 0
     dep.busy_s = 0.0
     return dep, calls
 
@@ -149,3 +149,20 @@ def test_calls_that_arrive_during_an_encode_on_the_loop_form_the_next_batch(on_l
         assert batches == [texts[:1], texts[1:]]
     else:
         assert len(batches) > 2
+
+
+def test_a_list_in_one_call_joins_the_batch_queue_and_counts_as_one_call():
+    """`embed_many` (router.coalesce_embeds): one handle call, rows in the caller's order, the prompts batched
+    with a single call that arrives with them."""
+    dep, calls = _replica(loop_max_chars=512, encode_s=0.0)
+
+    async def main():
+        dep.embed_batch.set_max_batch_size(32)
+        dep.embed_batch.set_batch_wait_timeout_s(0.01)
+        return await asyncio.wait_for(asyncio.gather(dep.embed_many(["a", "bbb", "cc"]), dep("dddd")), 10)
+
+    many, one = asyncio.run(main())
+    assert many.shape == (3, 4) and many[:, 0].tolist() == [1.0, 3.0, 2.0] and one[0] == 4.0
+    assert sorted(t for _, batch in calls for t in batch) == ["a", "bbb", "cc", "dddd"]
+    assert len(calls) == 1  # the list and the single call formed one batch
+    assert dep.stats()["calls"] == 2 and dep.stats()["prompts"] == 4

@@ -50,7 +50,7 @@ def ctx(i: int) -> np.ndarray:
 
 
 async def settle():
-    for _ in range(5):
+    for _ in range(20):  # enough hops for coalesced embedder calls to return
         await asyncio.sleep(0)
 
 
