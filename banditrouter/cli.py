@@ -212,6 +212,10 @@ def serve(
 
     for k, v in proxy_environment(cfg.gateway.limits).items():  # Serve's proxy replaces over-long x-request-ids
         os.environ.setdefault(k, v)
+    from deployments.backends.replay import warm_replay_indexes
+
+    if n := warm_replay_indexes(cfg.models):  # once here, not in every replay replica at its first unlogged prompt
+        console.print(f"embedded {n} logged prompts for the replay models' nearest-prompt indexes (cached from now on)")
     ctx = init_local_ray(dashboard=True, proxy=cfg.server.proxy)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
-from banditrouter.config import ReplayBackendConfig
+from banditrouter.config import ModelConfig, ReplayBackendConfig
 from banditrouter.embeddings import text_key
 from deployments.backends.base import BackendError, CompletionRequest, CompletionResult, estimate_tokens, stream_text
 
@@ -32,6 +33,27 @@ def max_logged_cost(log, name: str) -> float:
     if not rows:
         raise BackendError(f"replay: {log.name} has no logged answers of {name!r}")
     return float(np.max(log.costs[rows, log.models.index(name)]))
+
+
+def warm_replay_indexes(models: Sequence[ModelConfig], embedder=None, progress: bool = True) -> int:
+    """Embed, once and in this process, the logged prompts that the replay models' nearest-prompt indexes hold,
+    into the on-disk embedding cache, so every replay replica reads its index from the cache. Without it, on a
+    machine whose cache lacks them, each replica loads its own embedder on its first unlogged prompt and embeds
+    the log itself, all at once: 11 replicas of `configs/local.yaml` took minutes on 2 cores and a model's memory
+    each, and `banditrouter bench` timed out in its warm-up. `banditrouter serve` and `bench` call this before
+    they deploy. Returns how many prompts were embedded (0 when the cache had them all)."""
+    from banditrouter.data import load_dataset
+    from banditrouter.embeddings import Embedder
+
+    logs = {(m.replay.dataset, m.replay.split, m.replay.data_dir) for m in models if m.backend == "replay" and m.replay}
+    if not logs:
+        return 0
+    embedder = embedder if embedder is not None else Embedder()
+    before = embedder.n_computed
+    for dataset, split, data_dir in sorted(logs, key=str):
+        log = load_dataset(dataset, split, data_dir=data_dir)
+        embedder.embed(list(log.prompts), progress=progress, desc=f"replay index {log.name}/{split}")
+    return embedder.n_computed - before
 
 
 class ReplayBackend:
