@@ -212,9 +212,14 @@ def serve(
 
     for k, v in proxy_environment(cfg.gateway.limits).items():  # Serve's proxy replaces over-long x-request-ids
         os.environ.setdefault(k, v)
+    from deployments.backends import BackendError
     from deployments.backends.replay import warm_replay_indexes
 
-    if n := warm_replay_indexes(cfg.models):  # once here, not in every replay replica at its first unlogged prompt
+    try:
+        n = warm_replay_indexes(cfg.models)  # once here, not in every replay replica at its first unlogged prompt
+    except (BackendError, FileNotFoundError, ValueError) as e:
+        _fail(f"{config}: {e}")
+    if n:
         console.print(f"embedded {n} logged prompts for the replay models' nearest-prompt indexes (cached from now on)")
     ctx = init_local_ray(dashboard=True, proxy=cfg.server.proxy)
     stop = threading.Event()

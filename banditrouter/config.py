@@ -170,16 +170,22 @@ class RouterConfig(_Strict):
     coalesce_embeds: bool = Field(
         True,
         description="Coalesce the router's embedder calls: the prompts of concurrent requests go in one call (a list),"
-        " with at most embed_calls_in_flight calls outstanding; the first goes at once, the rest gather while calls are"
-        " in flight. Fewer calls for the embedder replica and the router to handle (README, 'Routing overhead')."
-        " Off: one embedder call per prompt.",
+        " with at most embed_calls_in_flight calls outstanding per router replica; while a slot is free a prompt goes"
+        " at once, and the prompts that arrive while every slot is busy gather and leave together. Fewer calls for"
+        " the embedder replica and the router to handle (README, 'Routing overhead'). Off: one embedder call per prompt.",
     )
     embed_calls_in_flight: int | None = Field(
         None,
         ge=1,
         le=1024,
         description="With coalesce_embeds: embedder calls outstanding per router replica (default: 2 per embedder"
-        " replica, so each replica encodes one batch while the next waits in its queue).",
+        " replica; with one router replica, each embedder replica then encodes one list while the next waits).",
+    )
+    embed_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="With coalesce_embeds: a coalesced embedder call with no answer in this time fails the requests"
+        " whose prompts it carried (500), and frees its slot for the prompts waiting behind it.",
     )
     context_turns: int = Field(
         1,

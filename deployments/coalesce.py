@@ -12,19 +12,34 @@ its concurrency limit, so its batches stay at about one item under steady load."
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 
 class Coalescer:
     """`await coalescer(item)` → that item's result, from `send(items)`, which returns one result per item in
-    order. An exception from `send` reaches every caller of that batch; a cancelled caller leaves the others
-    alone. Must be awaited on one event loop (the replica's)."""
+    order. An exception from `send`, or no answer within `timeout_s`, reaches every caller of that batch and no
+    other; a caller that leaves takes its item out of the next batch. Must be awaited on one event loop (the
+    replica's).
 
-    def __init__(self, send: Callable[[list], Awaitable[Sequence[Any]]], max_batch: int = 32, max_in_flight: int = 2):
+    The call slots run as tasks in an empty context, not the context of the request that happened to start
+    one: a slot sends many requests' items, so it must not carry one request's Serve context, whose
+    cancellation (a client that disconnects) Serve passes on to that request's child calls, nor name it in
+    the callee's logs (`serve.batch` unsets the request context for the same reason)."""
+
+    def __init__(
+        self,
+        send: Callable[[list], Awaitable[Sequence[Any]]],
+        max_batch: int = 32,
+        max_in_flight: int = 2,
+        timeout_s: float | None = None,
+    ):
         if max_batch < 1 or max_in_flight < 1:
             raise ValueError(f"max_batch and max_in_flight must be >= 1, got {max_batch}, {max_in_flight}")
-        self.send, self.max_batch, self.max_in_flight = send, max_batch, max_in_flight
+        if timeout_s is not None and timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.send, self.max_batch, self.max_in_flight, self.timeout_s = send, max_batch, max_in_flight, timeout_s
         self._pending: list[tuple[Any, asyncio.Future]] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task] = set()
@@ -36,42 +51,56 @@ class Coalescer:
         self._pending.append((item, fut))
         if self._in_flight < self.max_in_flight:
             self._in_flight += 1
-            task = loop.create_task(self._drain())
+            task = contextvars.Context().run(loop.create_task, self._drain())  # no request's context: see above
             self._tasks.add(task)  # a reference, so the task is not collected mid-call
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._slot_done)
         return await fut
+
+    def _slot_done(self, task: asyncio.Task) -> None:
+        """A call slot ended, however it ended (also cancelled before its first step, where no `finally` in
+        `_drain` would run): free the slot, and when none is left while items wait, fail them, not hang them."""
+        self._tasks.discard(task)
+        self._in_flight -= 1
+        if self._in_flight == 0 and self._pending:
+            waiting, self._pending = self._pending, []
+            _settle(waiting, error=RuntimeError("coalesced call cancelled"))
 
     async def _drain(self) -> None:
         """One call slot: send what waits, then again while anything waits."""
-        try:
-            while self._pending:
-                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-                batch = [(item, fut) for item, fut in batch if not fut.done()]  # callers that left: not sent
-                if not batch:
-                    continue
-                self.calls, self.items = self.calls + 1, self.items + len(batch)
-                try:
-                    results = await self.send([item for item, _ in batch])
-                    if len(results) != len(batch):
-                        raise RuntimeError(f"coalesced call returned {len(results)} results for {len(batch)} items")
-                except Exception as e:
-                    _settle(batch, error=e)
-                    continue
-                except BaseException:  # this task cancelled (replica shutting down): its callers must not hang,
-                    cancelled = RuntimeError("coalesced call cancelled")
-                    _settle(batch, error=cancelled)
-                    if self._in_flight == 1:  # nor those waiting here when no other call slot will send them
-                        _settle(self._pending, error=cancelled)
-                        self._pending = []
+        while self._pending:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            batch = [(item, fut) for item, fut in batch if not fut.done()]  # callers that left: not sent
+            if not batch:
+                continue
+            self.calls, self.items = self.calls + 1, self.items + len(batch)
+            try:
+                results = await asyncio.wait_for(self.send([item for item, _ in batch]), self.timeout_s)
+                if len(results) != len(batch):
+                    raise RuntimeError(f"coalesced call returned {len(results)} results for {len(batch)} items")
+            except asyncio.CancelledError:
+                if _cancelling(asyncio.current_task()):  # this slot cancelled (replica shutting down)
+                    _settle(batch, error=RuntimeError("coalesced call cancelled"))
                     raise
-                for (_, fut), res in zip(batch, results, strict=True):
-                    if not fut.done():
-                        fut.set_result(res)
-        finally:
-            self._in_flight -= 1
+                _settle(batch, error=RuntimeError("coalesced call was cancelled by its callee"))  # this batch only
+                continue
+            except asyncio.TimeoutError:
+                _settle(batch, error=TimeoutError(f"coalesced call gave no answer within {self.timeout_s} s"))
+                continue
+            except Exception as e:
+                _settle(batch, error=e)
+                continue
+            for (_, fut), res in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(res)
 
     def stats(self) -> dict:
         return {"calls": self.calls, "items": self.items, "mean_batch": self.items / self.calls if self.calls else None}
+
+
+def _cancelling(task: asyncio.Task | None) -> bool:
+    """Whether `task` itself is being cancelled (Python >= 3.11 knows; before that, take it as so)."""
+    cancelling = getattr(task, "cancelling", None)
+    return True if cancelling is None else cancelling() > 0
 
 
 def _settle(batch: list[tuple[Any, asyncio.Future]], error: BaseException) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 from ray import serve
 
 from banditrouter.config import EmbedderConfig
+from banditrouter.embeddings import EMBEDDING_DIM
 from banditrouter.threads import limit_blas_threads
 
 
@@ -86,5 +87,7 @@ class EmbedderDeployment:
         """Several prompts in one call (a router that coalesces its calls): they join the replica's batch
         queue like single calls, so one caller's list and other callers' prompts batch together."""
         self.calls += 1
+        if not texts:
+            return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
         vecs = await asyncio.gather(*(self.embed_batch(t) for t in texts))
         return np.stack(vecs)

@@ -361,6 +361,7 @@ class Router:
                 self._embed_many,
                 max_batch=cfg.embedder.batch_size,
                 max_in_flight=cfg.router.embed_calls_in_flight or 2 * cfg.embedder.num_replicas,
+                timeout_s=cfg.router.embed_timeout_s,
             )
         self.pacer = LivePacer(cfg, self.policy.models, checkpoint_extra(cfg.policy.checkpoint))
         self.sink = make_sink(cfg.router.events_path)

@@ -24,6 +24,17 @@ def answerable_rows(log, name: str) -> list[int]:
     return [i for i in range(len(log)) if log.responses[i][k] is not None and np.isfinite(log.costs[i, k])]
 
 
+def replay_rows(log, name: str) -> list[int]:
+    """The rows a replay model answers from, or a BackendError saying why it cannot replay from this log."""
+    if name not in log.models:
+        raise BackendError(f"replay: model {name!r} is not in {log.name} (it has {list(log.models)})")
+    if log.responses is None:
+        raise BackendError(f"replay: {log.name} has no logged responses to replay")
+    if not (keep := answerable_rows(log, name)):
+        raise BackendError(f"replay: {log.name} has no logged answers of {name!r}")
+    return keep
+
+
 def max_logged_cost(log, name: str) -> float:
     """Pricing for budgets: the most this replay model can charge one request is the largest logged cost among
     the rows it answers from (every answer, exact or nearest match, is one of those rows, at its logged cost)."""
@@ -45,13 +56,21 @@ def warm_replay_indexes(models: Sequence[ModelConfig], embedder=None, progress: 
     from banditrouter.data import load_dataset
     from banditrouter.embeddings import Embedder
 
-    logs = {(m.replay.dataset, m.replay.split, m.replay.data_dir) for m in models if m.backend == "replay" and m.replay}
-    if not logs:
+    by_log: dict[tuple, list[str]] = {}
+    for m in models:
+        if m.backend == "replay" and m.replay:
+            by_log.setdefault((m.replay.dataset, m.replay.split, m.replay.data_dir), []).append(m.name)
+    if not by_log:
         return 0
+    logs = []
+    for (dataset, split, data_dir), names in sorted(by_log.items(), key=str):
+        log = load_dataset(dataset, split, data_dir=data_dir)
+        for name in names:  # what a replica would refuse, refused before minutes of embedding, not after
+            replay_rows(log, name)
+        logs.append((log, split))
     embedder = embedder if embedder is not None else Embedder()
     before = embedder.n_computed
-    for dataset, split, data_dir in sorted(logs, key=str):
-        log = load_dataset(dataset, split, data_dir=data_dir)
+    for log, split in logs:
         embedder.embed(list(log.prompts), progress=progress, desc=f"replay index {log.name}/{split}")
     return embedder.n_computed - before
 
@@ -62,14 +81,8 @@ class ReplayBackend:
 
         self.name, self.cfg = name, cfg
         log = load_dataset(cfg.dataset, cfg.split, data_dir=cfg.data_dir)
-        if name not in log.models:
-            raise BackendError(f"replay: model {name!r} is not in {log.name} (it has {list(log.models)})")
-        if log.responses is None:
-            raise BackendError(f"replay: {log.name} has no logged responses to replay")
-        keep = answerable_rows(log, name)
+        keep = replay_rows(log, name)
         k = log.models.index(name)
-        if not keep:
-            raise BackendError(f"replay: {log.name} has no logged answers of {name!r}")
         self.prompts = [log.prompts[i] for i in keep]
         self.prompt_ids = [log.prompt_ids[i] for i in keep]
         self.responses = [log.responses[i][k] for i in keep]

@@ -63,9 +63,15 @@ def test_fused_router_routes_streams_and_records(fused, prompts):
     # replica that has routed nothing yet says null: ask until one that has answers
     where = wait_for(lambda: requests.get(f"{BASE}/health", timeout=30).json()["serve_handles"])
     assert where == ("replica loop" if fused.router.handles_on_loop else "router thread")
-    # router.coalesce_embeds (on by default): a replica that has routed counts its embedder calls and prompts
-    calls = wait_for(lambda: requests.get(f"{BASE}/health", timeout=30).json()["embedder_calls"])
-    assert calls["calls"] >= 1 and calls["items"] >= calls["calls"]
+
+    # router.coalesce_embeds (on by default): a replica that has routed counts its embedder calls and prompts; one
+    # that has not says 0 calls, so ask until a replica that has answers
+    def embedder_calls():
+        c = requests.get(f"{BASE}/health", timeout=30).json()["embedder_calls"]
+        return c if c["calls"] else None
+
+    calls = wait_for(embedder_calls)
+    assert calls and calls["calls"] >= 1 and calls["items"] >= calls["calls"]
 
     # each request lands on one of the two fused replicas and each replica keeps its own decisions: both
     # requests may have gone to one replica, so ask until a replica that holds some answers (no embeddings)

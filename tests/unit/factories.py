@@ -69,3 +69,9 @@ def synthetic_problem(dim: int, n_arms: int):
     tr, te = np.arange(800), np.arange(800, 1200)
     train, test = log.subset(tr), log.subset(te)
     return x[tr], train, x[te], test, cost_scale(train.costs)
+
+
+async def settle(hops: int = 20) -> None:
+    """Let the running loop take `hops` turns: enough for queued tasks (and coalesced embedder calls) to step."""
+    for _ in range(hops):
+        await asyncio.sleep(0)

@@ -8,17 +8,12 @@ import asyncio
 
 import numpy as np
 import pytest
-from factories import FakeHandle
+from factories import FakeHandle, settle
 
 from deployments.coalesce import Coalescer
 
 MODELS = ("cheap", "strong")
-D = 4
-
-
-async def settle():
-    for _ in range(20):
-        await asyncio.sleep(0)
+D = 8  # the router test's eight prompts get eight different one-hot embeddings
 
 
 class Callee:
@@ -26,11 +21,13 @@ class Callee:
 
     def __init__(self):
         self.calls: list[list] = []
+        self.slots: list[asyncio.Task] = []  # the call slot (task) that made each call
         self.gates: list[asyncio.Event] = []
         self.fail: Exception | None = None
 
     async def __call__(self, items):
         self.calls.append(list(items))
+        self.slots.append(asyncio.current_task())
         gate = asyncio.Event()
         self.gates.append(gate)
         await gate.wait()
@@ -143,7 +140,7 @@ def test_bounds_are_checked():
         Coalescer(send, max_in_flight=0)
 
 
-def _router(tmp_path, embedder: FakeHandle, **router_cfg):
+def _router(tmp_path, embedder: FakeHandle, embedder_replicas: int = 1, **router_cfg):
     from banditrouter.config import load_config
     from banditrouter.policies import make_policy, save_checkpoint
     from deployments.backends import CompletionResult
@@ -154,6 +151,7 @@ def _router(tmp_path, embedder: FakeHandle, **router_cfg):
         {
             "policy": {"name": "linucb", "checkpoint": str(ckpt)},
             "router": router_cfg,
+            "embedder": {"num_replicas": embedder_replicas},
             "models": [{"name": m} for m in MODELS],
         }
     )
@@ -215,7 +213,9 @@ def test_calls_in_flight_default_to_two_per_embedder_replica(tmp_path):
         return _vec(text)
 
     assert _router(tmp_path, FakeHandle(__call__=one)).coalescer.max_in_flight == 2
+    assert _router(tmp_path, FakeHandle(__call__=one), embedder_replicas=3).coalescer.max_in_flight == 6
     assert _router(tmp_path, FakeHandle(__call__=one), embed_calls_in_flight=5).coalescer.max_in_flight == 5
+    assert _router(tmp_path, FakeHandle(__call__=one), embed_timeout_s=2.5).coalescer.timeout_s == 2.5
 
 
 def test_a_cancelled_call_slot_fails_its_batch_and_what_waits_behind_it():
@@ -237,3 +237,124 @@ def test_a_cancelled_call_slot_fails_its_batch_and_what_waits_behind_it():
         assert c._in_flight == 0 and not c._pending
 
     asyncio.run(main())
+
+
+def test_a_call_slot_does_not_carry_the_context_of_the_request_that_started_it():
+    """A slot sends many requests' prompts. Started in one request's context it carried that request's Serve
+    context, and Serve cancels a request's child calls when the request is cancelled (its client left): one
+    client's disconnect would have failed everyone's prompts in the call."""
+    import contextvars
+
+    request = contextvars.ContextVar("request", default=None)
+    seen: list = []
+
+    async def send(items):
+        seen.append(request.get())
+        await asyncio.sleep(0.01)
+        return items
+
+    async def caller(c, name, item):
+        request.set(name)
+        return await c(item)
+
+    async def main():
+        c = Coalescer(send, max_in_flight=1)
+        return await asyncio.gather(*(caller(c, f"r{i}", i) for i in range(6)))
+
+    assert asyncio.run(main()) == list(range(6))
+    assert seen and all(v is None for v in seen)
+
+
+def test_a_call_the_callee_cancels_fails_its_own_batch_and_the_next_one_goes_out():
+    calls: list[list] = []
+
+    async def send(items):
+        calls.append(list(items))
+        if len(calls) == 1:
+            raise asyncio.CancelledError()  # the callee's side cancelled this call, not this slot
+        return items
+
+    async def main():
+        c = Coalescer(send, max_in_flight=1)
+        first = asyncio.create_task(c("a"))
+        await settle()
+        second = asyncio.create_task(c("b"))
+        with pytest.raises(RuntimeError, match="cancelled by its callee"):
+            await first
+        assert await asyncio.wait_for(second, 1) == "b"
+        assert c._in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_a_slot_cancelled_before_its_first_step_frees_itself_and_fails_its_callers():
+    """Cancelled before it ran, a slot's `finally` never runs: the slot must still be freed, or every later
+    call waits for a slot that will never come back."""
+
+    async def send(items):
+        return items
+
+    async def main():
+        c = Coalescer(send, max_in_flight=1)
+        first = asyncio.create_task(c("a"))
+        await asyncio.sleep(0)  # first has queued its item and started a slot task, which has not run yet
+        (slot,) = c._tasks
+        slot.cancel()
+        with pytest.raises(RuntimeError, match="cancelled"):
+            await asyncio.wait_for(first, 1)
+        assert c._in_flight == 0 and not c._pending
+        assert await asyncio.wait_for(c("b"), 1) == "b"  # a new slot serves later calls
+
+    asyncio.run(main())
+
+
+def test_a_call_with_no_answer_times_out_for_its_batch_only():
+    hang = asyncio.Event()
+
+    async def send(items):
+        if "stuck" in items:
+            await hang.wait()
+        return items
+
+    async def main():
+        c = Coalescer(send, max_in_flight=2, timeout_s=0.1)
+        stuck = asyncio.create_task(c("stuck"))
+        await settle()
+        assert await asyncio.wait_for(c("fine"), 1) == "fine"  # the other slot answers meanwhile
+        with pytest.raises(TimeoutError, match="within 0.1 s"):
+            await asyncio.wait_for(stuck, 2)
+        assert await asyncio.wait_for(c("later"), 1) == "later"  # the timed-out slot is free again
+        assert c._in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_one_of_two_slots_cancelled_leaves_the_waiting_prompts_to_the_other():
+    async def main():
+        callee = Callee()
+        c = Coalescer(callee, max_batch=32, max_in_flight=2)
+        a = asyncio.create_task(c(1))
+        await settle()
+        b = asyncio.create_task(c(2))
+        await settle()
+        assert callee.calls == [[1], [2]]  # both slots busy
+        waiting = asyncio.create_task(c(3))
+        await settle()
+        callee.slots[0].cancel()  # the slot that carries [1]
+        with pytest.raises(RuntimeError, match="cancelled"):
+            await asyncio.wait_for(a, 1)
+        callee.release(1)
+        await settle()
+        assert callee.calls[-1] == [3]  # the surviving slot sent what waited
+        callee.release(2)
+        assert await asyncio.wait_for(b, 1) == 4 and await asyncio.wait_for(waiting, 1) == 6
+
+    asyncio.run(main())
+
+
+def test_the_coalescer_refuses_a_non_positive_timeout():
+    async def send(items):
+        return items
+
+    with pytest.raises(ValueError, match="timeout_s"):
+        Coalescer(send, timeout_s=0)

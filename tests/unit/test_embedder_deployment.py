@@ -166,3 +166,9 @@ def test_a_list_in_one_call_joins_the_batch_queue_and_counts_as_one_call():
     assert sorted(t for _, batch in calls for t in batch) == ["a", "bbb", "cc", "dddd"]
     assert len(calls) == 1  # the list and the single call formed one batch
     assert dep.stats()["calls"] == 2 and dep.stats()["prompts"] == 4
+
+
+def test_an_empty_list_embeds_to_no_rows():
+    dep, calls = _replica(loop_max_chars=512, encode_s=0.0)
+    out = asyncio.run(dep.embed_many([]))
+    assert out.shape == (0, 384) and out.dtype == np.float32 and calls == []

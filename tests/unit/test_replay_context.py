@@ -85,3 +85,17 @@ def test_replay_indexes_are_embedded_once_beforehand_and_replicas_read_them_from
     backend = ReplayBackend("b", ReplayBackendConfig(**replay))  # its own Embedder, as in a replica
     out = asyncio.run(backend.complete(CompletionRequest("r", [], "unseen", context=[0.0, 0.9, 0.1])))
     assert out.text == "b1" and backend._embedder.n_computed == 0 and len(encoded) == 3
+
+
+def test_warming_refuses_a_model_the_log_cannot_replay_before_embedding_anything(tmp_path, monkeypatch):
+    from banditrouter.config import ModelConfig
+    from banditrouter.data.paths import CACHE_DIR_ENV
+    from banditrouter.embeddings import Embedder
+    from deployments.backends import BackendError
+    from deployments.backends.replay import warm_replay_indexes
+
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(Embedder, "encode", lambda *a, **k: pytest.fail("embedded before the check"))
+    replay = {"dataset": str(_log(tmp_path)), "simulate_latency": False}
+    with pytest.raises(BackendError, match="'nobody' is not in"):
+        warm_replay_indexes([ModelConfig(name="a", replay=replay), ModelConfig(name="nobody", replay=replay)])

@@ -8,7 +8,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from factories import FakeHandle
+from factories import FakeHandle, settle
 
 from banditrouter.policies.base import Assignment, deterministic
 from deployments.scheduler import AdmissionQueue, Grant, PoolScheduler, QueueFull, SchedulingError
@@ -47,11 +47,6 @@ def ctx(i: int) -> np.ndarray:
     x = np.zeros(D, dtype=np.float32)
     x[i % D] = 1.0
     return x
-
-
-async def settle():
-    for _ in range(20):  # enough hops for coalesced embedder calls to return
-        await asyncio.sleep(0)
 
 
 def test_pool_is_bounded_and_the_refusal_carries_a_retry_hint():
