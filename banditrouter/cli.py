@@ -41,6 +41,20 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+def _warm_replay(cfg, config: Path) -> None:
+    """The replay models' nearest-prompt indexes into the embedding cache, once here before deploying, not in
+    every replay replica at its first unlogged prompt; a model its log cannot replay fails here, before that."""
+    from deployments.backends import BackendError
+    from deployments.backends.replay import warm_replay_indexes
+
+    try:
+        n = warm_replay_indexes(cfg.models)
+    except (BackendError, FileNotFoundError, ValueError) as e:
+        _fail(f"{config}: {e}")
+    if n:
+        console.print(f"embedded {n} logged prompts for the replay models' nearest-prompt indexes (cached from now on)")
+
+
 @app.command()
 def train(
     dataset: str = DatasetOpt,
@@ -212,15 +226,7 @@ def serve(
 
     for k, v in proxy_environment(cfg.gateway.limits).items():  # Serve's proxy replaces over-long x-request-ids
         os.environ.setdefault(k, v)
-    from deployments.backends import BackendError
-    from deployments.backends.replay import warm_replay_indexes
-
-    try:
-        n = warm_replay_indexes(cfg.models)  # once here, not in every replay replica at its first unlogged prompt
-    except (BackendError, FileNotFoundError, ValueError) as e:
-        _fail(f"{config}: {e}")
-    if n:
-        console.print(f"embedded {n} logged prompts for the replay models' nearest-prompt indexes (cached from now on)")
+    _warm_replay(cfg, config)
     ctx = init_local_ray(dashboard=True, proxy=cfg.server.proxy)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -283,6 +289,7 @@ def bench(
         _fail(str(e))
     if not cfg.policy.checkpoint.exists():
         _fail(f"no checkpoint at {cfg.policy.checkpoint}; run `banditrouter serve` once or `banditrouter train` first")
+    _warm_replay(cfg, config)  # before the raw half, so a config that cannot replay fails first
     if suite:
         try:
             lcfg = load_config(learner_config)

@@ -1,10 +1,10 @@
 """Coalescing a replica's calls to another deployment (`router.coalesce_embeds`: the embedder).
 
 Concurrent requests each need one item (a prompt's embedding). Instead of one handle call per item, the
-caller sends a list per call, with at most `max_in_flight` calls outstanding: the first item goes out at once
-(no wait when idle), and the items that arrive while calls are in flight wait here and leave together when one
-returns. So under load a batch grows for as long as the callee is busy, and the callee handles a few calls
-instead of one per request (README, "Routing overhead").
+caller sends a list per call, with at most `max_in_flight` calls outstanding: while a call slot is free an item
+goes out at once (no wait when idle), and the items that arrive while every slot is busy wait here and leave
+together when a call returns. So under load a batch grows for as long as the callee is busy, and the callee
+handles a few calls instead of one per request (README, "Routing overhead").
 
 `serve.batch` does not do this: it forms its next batch as soon as one item waits, and queues that batch behind
 its concurrency limit, so its batches stay at about one item under steady load."""
@@ -19,14 +19,15 @@ from typing import Any
 
 class Coalescer:
     """`await coalescer(item)` → that item's result, from `send(items)`, which returns one result per item in
-    order. An exception from `send`, or no answer within `timeout_s`, reaches every caller of that batch and no
-    other; a caller that leaves takes its item out of the next batch. Must be awaited on one event loop (the
-    replica's).
+    order. An exception from `send`, a call its callee cancels, or no answer within `timeout_s` reaches every
+    caller of that batch and no other; the slot then sends what waits behind it. A caller that leaves takes its
+    item out of the next batch. Must be awaited on one event loop (the replica's).
 
     The call slots run as tasks in an empty context, not the context of the request that happened to start
-    one: a slot sends many requests' items, so it must not carry one request's Serve context, whose
-    cancellation (a client that disconnects) Serve passes on to that request's child calls, nor name it in
-    the callee's logs (`serve.batch` unsets the request context for the same reason)."""
+    one: a slot sends many requests' items, so it must not carry one request's Serve context (Serve may cancel a
+    cancelled request's child calls) nor name that request in the callee's logs; `serve.batch` unsets the
+    request context for the same reason. The empty context also drops tracing context, so the callee's spans
+    are not linked to any one request."""
 
     def __init__(
         self,
@@ -51,56 +52,72 @@ class Coalescer:
         self._pending.append((item, fut))
         if self._in_flight < self.max_in_flight:
             self._in_flight += 1
-            task = contextvars.Context().run(loop.create_task, self._drain())  # no request's context: see above
+            slot = _Slot()
+            task = contextvars.Context().run(loop.create_task, self._drain(slot))  # no request's context: above
             self._tasks.add(task)  # a reference, so the task is not collected mid-call
-            task.add_done_callback(self._slot_done)
+            task.add_done_callback(lambda t: self._slot_done(t, slot))
         return await fut
 
-    def _slot_done(self, task: asyncio.Task) -> None:
-        """A call slot ended, however it ended (also cancelled before its first step, where no `finally` in
-        `_drain` would run): free the slot, and when none is left while items wait, fail them, not hang them."""
-        self._tasks.discard(task)
-        self._in_flight -= 1
-        if self._in_flight == 0 and self._pending:
-            waiting, self._pending = self._pending, []
-            _settle(waiting, error=RuntimeError("coalesced call cancelled"))
+    async def _drain(self, slot: _Slot) -> None:
+        """One call slot: send what waits, then again while anything waits. The slot is freed in the same step
+        that finds nothing waiting, so an item queued after that always finds a free slot."""
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+                batch = [(item, fut) for item, fut in batch if not fut.done()]  # callers that left: not sent
+                if batch:
+                    await self._call(batch)
+        finally:
+            self._free(slot)
 
-    async def _drain(self) -> None:
-        """One call slot: send what waits, then again while anything waits."""
-        while self._pending:
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-            batch = [(item, fut) for item, fut in batch if not fut.done()]  # callers that left: not sent
-            if not batch:
-                continue
-            self.calls, self.items = self.calls + 1, self.items + len(batch)
-            try:
-                results = await asyncio.wait_for(self.send([item for item, _ in batch]), self.timeout_s)
-                if len(results) != len(batch):
-                    raise RuntimeError(f"coalesced call returned {len(results)} results for {len(batch)} items")
-            except asyncio.CancelledError:
-                if _cancelling(asyncio.current_task()):  # this slot cancelled (replica shutting down)
-                    _settle(batch, error=RuntimeError("coalesced call cancelled"))
-                    raise
-                _settle(batch, error=RuntimeError("coalesced call was cancelled by its callee"))  # this batch only
-                continue
-            except asyncio.TimeoutError:
-                _settle(batch, error=TimeoutError(f"coalesced call gave no answer within {self.timeout_s} s"))
-                continue
-            except Exception as e:
-                _settle(batch, error=e)
-                continue
+    async def _call(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
+        self.calls, self.items = self.calls + 1, self.items + len(batch)
+        # the call runs as its own task: a CancelledError here then means this slot was cancelled (replica
+        # shutting down), and the call's own outcome, its callee cancelling it included, is read from the task
+        call = asyncio.ensure_future(self.send([item for item, _ in batch]))
+        try:
+            done, _ = await asyncio.wait({call}, timeout=self.timeout_s)
+        except asyncio.CancelledError:
+            call.cancel()
+            _settle(batch, error=RuntimeError("coalesced call cancelled"))
+            raise
+        if not done:
+            call.cancel()  # the caller's send cancels its handle call (the router: the embedder's request)
+            _settle(batch, error=TimeoutError(f"coalesced call gave no answer within {self.timeout_s} s"))
+        elif call.cancelled():
+            _settle(batch, error=RuntimeError("coalesced call was cancelled by its callee"))
+        elif (error := call.exception()) is not None:
+            _settle(batch, error=error)
+        elif len(results := call.result()) != len(batch):
+            _settle(batch, error=RuntimeError(f"coalesced call returned {len(results)} results for {len(batch)} items"))
+        else:
             for (_, fut), res in zip(batch, results, strict=True):
                 if not fut.done():
                     fut.set_result(res)
+
+    def _free(self, slot: _Slot) -> None:
+        if not slot.freed:
+            slot.freed = True
+            self._in_flight -= 1
+
+    def _slot_done(self, task: asyncio.Task, slot: _Slot) -> None:
+        """A slot's task ended. Cancelled before its first step, its `finally` never ran: free it here. Cancelled
+        at all with no other slot left, the items waiting here would never be sent: fail them, not hang them."""
+        self._tasks.discard(task)
+        self._free(slot)
+        if task.cancelled() and self._in_flight == 0 and self._pending:
+            waiting, self._pending = self._pending, []
+            _settle(waiting, error=RuntimeError("coalesced call cancelled"))
 
     def stats(self) -> dict:
         return {"calls": self.calls, "items": self.items, "mean_batch": self.items / self.calls if self.calls else None}
 
 
-def _cancelling(task: asyncio.Task | None) -> bool:
-    """Whether `task` itself is being cancelled (Python >= 3.11 knows; before that, take it as so)."""
-    cancelling = getattr(task, "cancelling", None)
-    return True if cancelling is None else cancelling() > 0
+class _Slot:
+    __slots__ = ("freed",)
+
+    def __init__(self):
+        self.freed = False
 
 
 def _settle(batch: list[tuple[Any, asyncio.Future]], error: BaseException) -> None:

@@ -622,7 +622,12 @@ class Router:
         return 0.0
 
     async def _embed_many(self, texts: list[str]) -> np.ndarray:
-        return await self.embedder.embed_many.remote(texts)
+        resp = self.embedder.embed_many.remote(texts)
+        try:
+            return await resp
+        except asyncio.CancelledError:  # timed out (router.embed_timeout_s) or shutting down: the embedder's too
+            resp.cancel()
+            raise
 
     async def _embed(self, req: RouteRequest) -> tuple[np.ndarray, np.ndarray | None]:
         """The routing text's embedding, and the latest turn's when the routing text holds more (both

@@ -195,3 +195,21 @@ def test_the_ingress_health_check_and_shutdown_reach_a_fused_router():
     plain.router = Handle()
     asyncio.run(cls.check_health(plain))
     user_del(plain)
+
+
+def test_bench_refuses_a_model_its_replay_log_lacks_before_measuring_anything(tmp_path, monkeypatch):
+    """The replay check (and the index warm-up) runs before the raw half: a wrong model name is a clear error at
+    once, not a traceback after minutes of measuring."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from banditrouter.cli import app
+
+    ckpt = save_checkpoint(make_policy("linucb", ("claude-v1", "not-a-model"), 4, tau=0.01, seed=0), tmp_path / "p.pt")
+    cfg = tmp_path / "bad.yaml"
+    models = [{"name": m, "replay": {"split": "test"}} for m in ("claude-v1", "not-a-model")]
+    cfg.write_text(yaml.safe_dump({"policy": {"name": "linucb", "checkpoint": str(ckpt)}, "models": models}))
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("measured before the check"))
+    result = CliRunner().invoke(app, ["bench", "--config", str(cfg)])
+    assert result.exit_code == 2, result.output
+    assert "'not-a-model' is not in routerbench/test" in result.output

@@ -5,6 +5,7 @@ No Ray: `deployments/coalesce.py` and the router with fake handles."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -239,7 +240,8 @@ def test_a_cancelled_call_slot_fails_its_batch_and_what_waits_behind_it():
     asyncio.run(main())
 
 
-def test_a_call_slot_does_not_carry_the_context_of_the_request_that_started_it():
+@pytest.mark.parametrize("timeout_s", [None, 5.0])
+def test_a_call_slot_does_not_carry_the_context_of_the_request_that_started_it(timeout_s):
     """A slot sends many requests' prompts. Started in one request's context it carried that request's Serve
     context, and Serve cancels a request's child calls when the request is cancelled (its client left): one
     client's disconnect would have failed everyone's prompts in the call."""
@@ -258,33 +260,50 @@ def test_a_call_slot_does_not_carry_the_context_of_the_request_that_started_it()
         return await c(item)
 
     async def main():
-        c = Coalescer(send, max_in_flight=1)
+        c = Coalescer(send, max_in_flight=1, timeout_s=timeout_s)
         return await asyncio.gather(*(caller(c, f"r{i}", i) for i in range(6)))
 
     assert asyncio.run(main()) == list(range(6))
     assert seen and all(v is None for v in seen)
 
 
-def test_a_call_the_callee_cancels_fails_its_own_batch_and_the_next_one_goes_out():
-    calls: list[list] = []
+@pytest.mark.parametrize("timeout_s", [None, 5.0])
+def test_a_call_the_callee_cancels_fails_its_own_batch_and_the_same_slot_sends_the_next(timeout_s):
+    calls: list[tuple[list, asyncio.Task]] = []
 
     async def send(items):
-        calls.append(list(items))
+        calls.append((list(items), asyncio.current_task()))
+        await asyncio.sleep(0.01)
         if len(calls) == 1:
-            raise asyncio.CancelledError()  # the callee's side cancelled this call, not this slot
+            raise asyncio.CancelledError()  # the callee's side cancelled this call, not the slot
         return items
 
     async def main():
-        c = Coalescer(send, max_in_flight=1)
+        c = Coalescer(send, max_in_flight=1, timeout_s=timeout_s)
         first = asyncio.create_task(c("a"))
         await settle()
-        second = asyncio.create_task(c("b"))
+        second = asyncio.create_task(c("b"))  # queued behind "a", in the one slot
+        await settle()
         with pytest.raises(RuntimeError, match="cancelled by its callee"):
             await first
         assert await asyncio.wait_for(second, 1) == "b"
-        assert c._in_flight == 0
+        assert [items for items, _ in calls] == [["a"], ["b"]] and len(c._tasks) == 0 and c._in_flight == 0
 
     asyncio.run(main())
+
+
+def test_calls_one_after_another_each_find_a_free_slot():
+    """A slot is freed in the step that finds nothing waiting: a caller arriving right after must not wait on a
+    slot that is about to end (an earlier version failed every other such call as cancelled)."""
+
+    async def send(items):
+        return items
+
+    async def main():
+        c = Coalescer(send, max_in_flight=1, timeout_s=5.0)
+        return [await c(i) for i in range(6)]  # awaited directly: no extra task, no extra loop turn between
+
+    assert asyncio.run(main()) == list(range(6))
 
 
 def test_a_slot_cancelled_before_its_first_step_frees_itself_and_fails_its_callers():
@@ -308,23 +327,41 @@ def test_a_slot_cancelled_before_its_first_step_frees_itself_and_fails_its_calle
     asyncio.run(main())
 
 
-def test_a_call_with_no_answer_times_out_for_its_batch_only():
+def test_a_call_with_no_answer_times_out_for_its_batch_only_and_its_slot_sends_what_waits():
     hang = asyncio.Event()
+    cancelled: list[list] = []
 
     async def send(items):
         if "stuck" in items:
-            await hang.wait()
+            try:
+                await hang.wait()
+            except asyncio.CancelledError:
+                cancelled.append(list(items))  # the call itself is cancelled (the router then cancels its handle call)
+                raise
         return items
 
     async def main():
-        c = Coalescer(send, max_in_flight=2, timeout_s=0.1)
+        c = Coalescer(send, max_in_flight=1, timeout_s=0.1)
         stuck = asyncio.create_task(c("stuck"))
         await settle()
-        assert await asyncio.wait_for(c("fine"), 1) == "fine"  # the other slot answers meanwhile
+        behind = asyncio.create_task(c("behind"))  # waits behind the stuck call, in the one slot
         with pytest.raises(TimeoutError, match="within 0.1 s"):
             await asyncio.wait_for(stuck, 2)
-        assert await asyncio.wait_for(c("later"), 1) == "later"  # the timed-out slot is free again
-        assert c._in_flight == 0
+        assert await asyncio.wait_for(behind, 1) == "behind"
+        await settle()
+        assert cancelled == [["stuck"]] and c._in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_an_error_the_call_raises_reaches_its_callers_as_it_is():
+    async def send(items):
+        raise TimeoutError("the handle's own timeout")
+
+    async def main():
+        c = Coalescer(send, max_in_flight=1, timeout_s=5.0)
+        with pytest.raises(TimeoutError, match="the handle's own timeout"):
+            await c("a")
 
     asyncio.run(main())
 
@@ -358,3 +395,44 @@ def test_the_coalescer_refuses_a_non_positive_timeout():
 
     with pytest.raises(ValueError, match="timeout_s"):
         Coalescer(send, timeout_s=0)
+
+
+def test_the_router_gives_up_on_a_silent_embedder_and_cancels_its_call(tmp_path):
+    """router.embed_timeout_s: the request fails, and the embedder's call is cancelled, not left queued there."""
+    cancelled = []
+
+    async def one(text):
+        return _vec(text)
+
+    async def silent(texts):
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.append(list(texts))
+            raise
+
+    class Response:
+        """Like Serve's DeploymentResponse: cancelling the task that awaits it does not cancel the call; only
+        its own cancel() does."""
+
+        def __init__(self, coro):
+            self.task = asyncio.ensure_future(coro)
+
+        def __await__(self):
+            return asyncio.shield(self.task).__await__()
+
+        def cancel(self):
+            self.task.cancel()
+
+    embedder = FakeHandle(__call__=one)
+    embedder.embed_many = SimpleNamespace(remote=lambda texts: Response(silent(texts)))
+    router = _router(tmp_path, embedder, embed_timeout_s=0.1)
+
+    async def main():
+        with pytest.raises(TimeoutError, match="no answer within 0.1 s"):
+            await asyncio.wait_for(router.route(_req("q")), 5)
+        await settle()
+        assert cancelled == [["q"]]  # here, not after asyncio.run, which cancels every task left anyway
+        assert router.coalescer._in_flight == 0
+
+    asyncio.run(main())
