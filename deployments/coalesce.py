@@ -20,7 +20,9 @@ from typing import Any
 class Coalescer:
     """`await coalescer(item)` → that item's result, from `send(items)`, which returns one result per item in
     order. An exception from `send`, a call its callee cancels, or no answer within `timeout_s` reaches every
-    caller of that batch and no other; the slot then sends what waits behind it. A caller that leaves takes its
+    caller of that batch and no other; the slot then sends what waits behind it. `max_in_flight` bounds the calls
+    awaited here: a call that timed out is cancelled and no longer counted, though its callee may still be
+    finishing it (Serve's cancellation is best effort). A caller that leaves takes its
     item out of the next batch. Must be awaited on one event loop (the replica's).
 
     The call slots run as tasks in an empty context, not the context of the request that happened to start
@@ -66,7 +68,10 @@ class Coalescer:
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
                 batch = [(item, fut) for item, fut in batch if not fut.done()]  # callers that left: not sent
                 if batch:
-                    await self._call(batch)
+                    try:
+                        await self._call(batch)
+                    except Exception as e:  # not the call's outcome (that is read in _call): its callers, still
+                        _settle(batch, error=e)  # answered, then the slot goes on
         finally:
             self._free(slot)
 
@@ -74,7 +79,8 @@ class Coalescer:
         self.calls, self.items = self.calls + 1, self.items + len(batch)
         # the call runs as its own task: a CancelledError here then means this slot was cancelled (replica
         # shutting down), and the call's own outcome, its callee cancelling it included, is read from the task
-        call = asyncio.ensure_future(self.send([item for item, _ in batch]))
+        call = asyncio.ensure_future(self.send([item for item, _ in batch]))  # send raising here: _drain settles
+        call.add_done_callback(_retrieve)  # a call cancelled here and failing otherwise logs nothing
         try:
             done, _ = await asyncio.wait({call}, timeout=self.timeout_s)
         except asyncio.CancelledError:
@@ -88,7 +94,7 @@ class Coalescer:
             _settle(batch, error=RuntimeError("coalesced call was cancelled by its callee"))
         elif (error := call.exception()) is not None:
             _settle(batch, error=error)
-        elif len(results := call.result()) != len(batch):
+        elif len(results := _rows(call.result())) != len(batch):
             _settle(batch, error=RuntimeError(f"coalesced call returned {len(results)} results for {len(batch)} items"))
         else:
             for (_, fut), res in zip(batch, results, strict=True):
@@ -105,7 +111,8 @@ class Coalescer:
         at all with no other slot left, the items waiting here would never be sent: fail them, not hang them."""
         self._tasks.discard(task)
         self._free(slot)
-        if task.cancelled() and self._in_flight == 0 and self._pending:
+        ended_early = task.cancelled() or task.exception() is not None  # (reading the exception retrieves it)
+        if ended_early and self._in_flight == 0 and self._pending:
             waiting, self._pending = self._pending, []
             _settle(waiting, error=RuntimeError("coalesced call cancelled"))
 
@@ -118,6 +125,19 @@ class _Slot:
 
     def __init__(self):
         self.freed = False
+
+
+def _retrieve(call: asyncio.Future) -> None:
+    if not call.cancelled():
+        call.exception()
+
+
+def _rows(results: Any) -> list:
+    """One result per item, from whatever `send` returned (a list, an array's rows, an iterator)."""
+    try:
+        return list(results)
+    except TypeError as e:
+        raise RuntimeError(f"coalesced call returned {type(results).__name__}, not one result per item") from e
 
 
 def _settle(batch: list[tuple[Any, asyncio.Future]], error: BaseException) -> None:

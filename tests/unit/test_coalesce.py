@@ -436,3 +436,24 @@ def test_the_router_gives_up_on_a_silent_embedder_and_cancels_its_call(tmp_path)
         assert router.coalescer._in_flight == 0
 
     asyncio.run(main())
+
+
+def test_a_send_that_fails_before_it_returns_or_answers_no_rows_fails_its_callers_and_nothing_hangs():
+    def refuses(items):  # a plain function that raises instead of returning an awaitable
+        raise RuntimeError("handle refused the call")
+
+    async def shapeless(items):
+        return np.float32(1.0)  # no rows to hand out
+
+    async def main():
+        for send, match in ((refuses, "refused"), (shapeless, "not one result per item")):
+            c = Coalescer(send, max_in_flight=1, timeout_s=5.0)
+            first = asyncio.create_task(c("a"))
+            await settle()
+            behind = asyncio.create_task(c("b"))
+            for t in (first, behind):
+                with pytest.raises(RuntimeError, match=match):
+                    await asyncio.wait_for(t, 1)
+            assert c._in_flight == 0 and not c._pending and not c._tasks
+
+    asyncio.run(main())
