@@ -114,7 +114,9 @@ async def _drive(url: str, prompts: list[str], requests: int, concurrency: int, 
 
 def routed(cfg: AppConfig, prompts: list[str], requests: int, concurrency: int, warmup: int = 50, unloaded: int = 0) -> dict:
     """The loaded run (`requests` at `concurrency`), then `unloaded` requests one at a time on the same app
-    (target: routing overhead with nothing queued), reported under `unloaded_*`."""
+    (target: routing overhead with nothing queued), reported under `unloaded_*`. The replay replicas' indexes
+    must be in the embedding cache beforehand (`banditrouter bench` warms them once, before every phase), or
+    they are built under load."""
     from ray import serve
     from tqdm import tqdm
 
@@ -127,9 +129,6 @@ def routed(cfg: AppConfig, prompts: list[str], requests: int, concurrency: int, 
     ]
     # the chain is measured against the raw model: no embedding cache on the routed path either
     cfg = cfg.model_copy(update={"models": models, "embedder": cfg.embedder.model_copy(update={"cache": False})})
-    from deployments.backends.replay import warm_replay_indexes
-
-    warm_replay_indexes(cfg.models)  # the replay replicas' indexes from the cache, not built under load
     init_local_ray(log_to_driver=False, proxy=cfg.server.proxy)
     try:
         serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
