@@ -24,7 +24,10 @@ PORT = 8013
 URL = f"http://127.0.0.1:{PORT}/v1/chat/completions"
 FIRST, SECOND = POOL[0], POOL[1]
 TIMEOUT_S = 30.0
-REPLICA_WAIT_S = 2.0
+# Serve starts a replacement for a killed replica at once; here one answered 2-2.5 s after the kill. With a
+# 2 s wait the router sometimes got the replacement and never fell back (the CI failure of 5723b93), so the
+# wait is far below a replica's start: a model whose every replica is down falls back every time.
+REPLICA_WAIT_S = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +133,9 @@ def test_a_model_whose_every_replica_is_down_falls_back_within_the_timeout(servi
             assert routing["fallback"] is True and routing["failed_models"] == [FIRST] and routing["model"] == SECOND
             assert routing["propensity"] == 1.0
         assert latency < TIMEOUT_S / 2, latency
-    assert sum(body["routing"]["model"] == SECOND for _, body, *_ in results) >= 1
-    print(f"every replica down: latencies {sorted(round(lat, 2) for _, _, lat, _ in results)} s")
+    served_by = [body["routing"]["model"] for _, body, *_ in results]
+    print(f"every replica down: latencies {sorted(round(lat, 2) for _, _, lat, _ in results)} s, served by {served_by}")
+    assert served_by.count(SECOND) >= 1, served_by
     _wait_for(FIRST, 2)
 
 
