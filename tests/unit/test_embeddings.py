@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from banditrouter.embeddings import EMBEDDING_DIM, Embedder, EmbeddingCache
 
@@ -27,3 +28,46 @@ def test_semantics_survive(tmp_path):
     e = Embedder(cache=EmbeddingCache(tmp_path / "e.sqlite"))
     v = e.embed(["How do I sort a list in Python?", "Python: sorting a list", "Recipe for banana bread"])
     assert v[0] @ v[1] > v[0] @ v[2] + 0.3
+
+
+def test_plan_batches_keeps_short_prompts_out_of_long_batches():
+    """A short prompt among full-length ones gets its own pass instead of being padded to 256 tokens, and at
+    most two full-length prompts share a pass (three or more ran slower per token on this machine kind)."""
+    from banditrouter.embeddings import plan_batches
+
+    lengths = [256, 256, 20, 256, 256, 250]
+    plan = plan_batches(lengths, max_batch=32)
+    assert sorted(i for p in plan for i in p) == list(range(6))  # every text once
+    assert [2] in plan, plan  # the short one alone
+    assert all(len(p) <= 2 for p in plan if max(lengths[i] for i in p) > 200), plan
+    padded = sum(len(p) * max(lengths[i] for i in p) for p in plan)
+    assert padded < len(lengths) * 256 - 200, padded
+    # short prompts batch together (one forward's fixed cost is worth about 33 token rows), within max_batch
+    short = plan_batches([30] * 40 + [28] * 10, max_batch=32)
+    assert [len(p) for p in short] == [32, 18], short
+    assert plan_batches([], max_batch=8) == [] and plan_batches([5], max_batch=1) == [[0]]
+    with pytest.raises(ValueError, match="max_batch"):
+        plan_batches([5], max_batch=0)
+
+
+def test_encode_runs_the_planned_passes_and_keeps_the_order(monkeypatch):
+    """On the CPU, Embedder.encode runs one sentence-transformers call per planned pass (before: one padded batch
+    of everything) and returns the vectors in the input order, equal to encoding each text alone."""
+    e = Embedder(cache=False, batch_size=32)
+    long = "Explain the difference between a process and a thread in detail. " * 40  # over 256 tokens
+    texts = [long + "A", "Hi there", long + "B", long + "C", "What is 2 + 2?", long + "D"]
+    model = e.model
+    calls = []
+    real = type(model).encode
+
+    def spy(self, batch, **kw):
+        calls.append(len(batch))
+        return real(self, batch, **kw)
+
+    monkeypatch.setattr(type(model), "encode", spy)
+    got = e.encode(texts)
+    assert sorted(calls) == [2, 2, 2], calls  # the two short ones together, the long ones in pairs
+    monkeypatch.setattr(type(model), "encode", real)
+    alone = np.stack([e.encode([t])[0] for t in texts])
+    np.testing.assert_allclose(got, alone, atol=1e-5)
+    assert e.n_computed == len(texts) * 2
