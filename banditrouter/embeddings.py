@@ -48,7 +48,7 @@ def embedder_device(cfg) -> str:
 
 # The CPU cost of one torch fp32 forward of all-MiniLM-L6-v2 with one thread, measured on this project's 2-core
 # machine (README, "Routing overhead"): about 10 ms fixed plus 0.3 ms per padded token row, so the fixed part is
-# worth about 33 rows; and batches of three or more full-length (256-token) prompts ran 7-13% slower per row
+# worth about 33 rows; and batches of three or more full-length (256-token) prompts ran 4-9% slower per prompt
 # than one or two, while batches of 8 x 128 or 32 x 32 tokens did not: the per-batch attention work n*L^2 is
 # kept at or below that of two full-length prompts.
 FORWARD_ROWS = 33
