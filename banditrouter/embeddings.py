@@ -198,7 +198,11 @@ class Embedder:
         with tqdm(total=len(texts), desc="embedding", unit="prompt", disable=not progress) as bar:
             for rows in plan_batches([len(x) for x in ids], self.batch_size):
                 out[rows] = model.encode(
-                    [texts[i] for i in rows], batch_size=len(rows), normalize_embeddings=True, convert_to_numpy=True
+                    [texts[i] for i in rows],
+                    batch_size=len(rows),
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,  # our bar counts the passes; its own would show per pass at INFO
                 )
                 bar.update(len(rows))
         self.n_computed += len(texts)

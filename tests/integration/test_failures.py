@@ -26,7 +26,7 @@ FIRST, SECOND = POOL[0], POOL[1]
 TIMEOUT_S = 30.0
 # Serve starts a replacement for a killed replica at once; here one answered 2-2.5 s after the kill. With a
 # 2 s wait the router sometimes got the replacement and never fell back (the CI failure of 5723b93), so the
-# wait is far below a replica's start: a model whose every replica is down falls back every time.
+# wait is far below a replica's start: a model whose every replica is down falls back, with about 1.5 s to spare.
 REPLICA_WAIT_S = 0.5
 
 
