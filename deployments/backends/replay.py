@@ -38,11 +38,7 @@ def replay_rows(log, name: str) -> list[int]:
 def max_logged_cost(log, name: str) -> float:
     """Pricing for budgets: the most this replay model can charge one request is the largest logged cost among
     the rows it answers from (every answer, exact or nearest match, is one of those rows, at its logged cost)."""
-    if log.responses is None or name not in log.models:
-        raise BackendError(f"replay: model {name!r} has no logged answers in {log.name}")
-    rows = answerable_rows(log, name)
-    if not rows:
-        raise BackendError(f"replay: {log.name} has no logged answers of {name!r}")
+    rows = replay_rows(log, name)  # the same refusals as the replay backend's, with its messages
     return float(np.max(log.costs[rows, log.models.index(name)]))
 
 
