@@ -179,22 +179,25 @@ class Embedder:
         """Embed without the cache: (n, 384) float32, L2-normalised."""
         if not texts:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
-        if self.backend != "torch":
-            vecs = self.model.encode(list(texts), batch_size=self.batch_size)
-            self.n_computed += len(texts)
-            return vecs
         texts = list(texts)
-        if self.device != "cpu":  # a GPU wants big batches: sentence-transformers' own length-sorted chunks
+        if self.backend != "torch":
+            vecs = self.model.encode(texts, batch_size=self.batch_size)
+        elif self.device != "cpu":  # a GPU wants big batches: sentence-transformers' own length-sorted chunks
             vecs = self.model.encode(
                 texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=progress
-            )
-            self.n_computed += len(texts)
-            return vecs.astype(np.float32, copy=False)
+            ).astype(np.float32, copy=False)
+        else:
+            vecs = self._encode_planned(texts, progress)
+        self.n_computed += len(texts)
+        return vecs
+
+    def _encode_planned(self, texts: list[str], progress: bool) -> np.ndarray:
+        """The CPU torch encode: one sentence-transformers call per pass of `plan_batches`."""
+        from tqdm import tqdm
+
         model = self.model
         ids = model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)["input_ids"]
         out = np.empty((len(texts), EMBEDDING_DIM), dtype=np.float32)
-        from tqdm import tqdm
-
         with tqdm(total=len(texts), desc="embedding", unit="prompt", disable=not progress) as bar:
             for rows in plan_batches([len(x) for x in ids], self.batch_size):
                 out[rows] = model.encode(
@@ -205,7 +208,6 @@ class Embedder:
                     show_progress_bar=False,  # our bar counts the passes; its own would show per pass at INFO
                 )
                 bar.update(len(rows))
-        self.n_computed += len(texts)
         return out
 
     def embed(self, texts: Sequence[str], progress: bool = False, desc: str = "embedding") -> np.ndarray:
