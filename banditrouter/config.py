@@ -69,8 +69,18 @@ class PolicyConfig(_Strict):
 
 
 class EmbedderConfig(_Strict):
-    batch_size: int = Field(32, ge=1, le=1024, description="Largest batch `serve.batch` forms.")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="How long a batch waits to fill.")
+    batch_size: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="Largest batch the replica encodes: a coalesced list, or what `serve.batch` forms of single calls.",
+    )
+    batch_wait_timeout_s: float = Field(
+        0.005,
+        ge=0,
+        le=1,
+        description="How long `serve.batch` waits to fill a batch of single calls (a coalesced list encodes at once).",
+    )
     encode_on_loop_max_chars: int = Field(
         512,
         ge=0,

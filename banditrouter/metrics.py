@@ -166,8 +166,8 @@ EMBED_BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
 
 
 class EmbedderMetrics:
-    """What the embedder replica exports: the size of each batch `serve.batch` formed and the seconds it
-    took (with the encode in a worker thread, batches stay at one under load; on the event loop they grow)."""
+    """What the embedder replica exports: the size of each batch it encoded (a coalesced list, or what
+    `serve.batch` formed from single calls) and the seconds it took."""
 
     def __init__(self):
         self.batch_size = Histogram(

@@ -14,6 +14,7 @@ from ray import serve
 from banditrouter.config import EmbedderConfig
 from banditrouter.embeddings import EMBEDDING_DIM
 from banditrouter.threads import limit_blas_threads
+from deployments.coalesce import Coalescer
 
 
 def loop_max_chars(cfg: EmbedderConfig, device: str) -> int:
@@ -44,29 +45,42 @@ class EmbedderDeployment:
         self._encode = self.embedder.embed if cfg.cache else self.embedder.encode
         self.loop_max_chars = loop_max_chars(cfg, device)
         self.embedder.encode(["warm up"])  # load the model before the first request
-        self.embed_batch.set_max_batch_size(cfg.batch_size)
-        self.embed_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._init_batching(cfg.batch_size, cfg.batch_wait_timeout_s)
         from banditrouter.metrics import EmbedderMetrics
 
         self.metrics = EmbedderMetrics()
         self.batches = self.prompts = self.calls = 0  # calls: handle calls taken (a coalesced list is one)
         self.busy_s = 0.0
 
+    def _init_batching(self, batch_size: int, batch_wait_timeout_s: float) -> None:
+        """Single calls: `serve.batch` with these settings. Lists (`embed_many`): a `Coalescer` that sends at
+        once when no encode runs. One lock: one encode at a time, whichever way it came (the replica's CPUs)."""
+        self.embed_batch.set_max_batch_size(batch_size)
+        self.embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._lists = Coalescer(self._encode_batch, max_batch=batch_size, max_in_flight=1)
+        self._lock = asyncio.Lock()
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def embed_batch(self, texts: list[str]) -> list[np.ndarray]:
-        t0 = time.perf_counter()
-        if self.loop_max_chars and max(map(len, texts)) <= self.loop_max_chars:
-            # short prompts: encode on the loop; requests that arrive meanwhile queue and form the next batch
-            # (README, "Routing overhead": +43% routed on 200-character prompts)
-            vecs = self._encode(texts)
-        else:
-            # long prompts: in a worker thread, as before (on the loop measured slower on RouterBench prompts)
-            vecs = await asyncio.to_thread(self._encode, texts)
-        took = time.perf_counter() - t0
+        """Single-prompt calls (`__call__`), batched by Serve: it waits up to `batch_wait_timeout_s` for a batch
+        to fill."""
+        return list(await self._encode_batch(texts))
+
+    async def _encode_batch(self, texts: list[str]) -> np.ndarray:
+        async with self._lock:
+            t0 = time.perf_counter()
+            if self.loop_max_chars and max(map(len, texts)) <= self.loop_max_chars:
+                # short prompts: encode on the loop; requests that arrive meanwhile queue and form the next batch
+                # (README, "Routing overhead": +43% routed on 200-character prompts)
+                vecs = self._encode(texts)
+            else:
+                # long prompts: in a worker thread, as before (on the loop measured slower on RouterBench prompts)
+                vecs = await asyncio.to_thread(self._encode, texts)
+            took = time.perf_counter() - t0
         self.batches, self.prompts, self.busy_s = self.batches + 1, self.prompts + len(texts), self.busy_s + took
         self.metrics.batch_size.observe(float(len(texts)))
         self.metrics.batch_s.observe(took)
-        return list(vecs)
+        return vecs
 
     def stats(self) -> dict:
         """Batches formed, prompts embedded, their mean batch size, the seconds spent encoding and the handle
@@ -84,10 +98,11 @@ class EmbedderDeployment:
         return await self.embed_batch(text)
 
     async def embed_many(self, texts: list[str]) -> np.ndarray:
-        """Several prompts in one call (a router that coalesces its calls): they join the replica's batch
-        queue like single calls, so one caller's list and other callers' prompts batch together."""
+        """Several prompts in one call (a router that coalesces its calls, `router.coalesce_embeds`). The list is
+        a batch already: it encodes at once, with no `serve.batch` wait (README, "Routing overhead"). Lists that
+        arrive while an encode runs (several router replicas) wait and encode together when it ends
+        (`Coalescer`, one call at a time)."""
         self.calls += 1
         if not texts:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
-        vecs = await asyncio.gather(*(self.embed_batch(t) for t in texts))
-        return np.stack(vecs)
+        return np.stack(await asyncio.gather(*map(self._lists, texts)))

@@ -57,8 +57,7 @@ def _replica(loop_max_chars: int, encode_s: float = 0.05):
 async def _burst(dep, texts):
     """One call, then the rest while the first one encodes. (The batch queue is made here, on the running loop,
     as Serve makes it on the replica's.)"""
-    dep.embed_batch.set_max_batch_size(32)
-    dep.embed_batch.set_batch_wait_timeout_s(0.0)
+    dep._init_batching(32, 0.0)
     first = asyncio.ensure_future(dep(texts[0]))
     await asyncio.sleep(0.01)
     rest = [asyncio.ensure_future(dep(t)) for t in texts[1:]]
@@ -68,8 +67,7 @@ async def _burst(dep, texts):
 async def _trickle(dep, texts, every_s=0.005):
     """Calls that arrive one by one, every `every_s`, from another thread, as requests reach a replica while
     it encodes: on the loop they queue and form one batch; in a thread each finds the loop free."""
-    dep.embed_batch.set_max_batch_size(32)
-    dep.embed_batch.set_batch_wait_timeout_s(0.0)
+    dep._init_batching(32, 0.0)
     loop = asyncio.get_running_loop()
 
     def send():
@@ -151,21 +149,65 @@ def test_calls_that_arrive_during_an_encode_on_the_loop_form_the_next_batch(on_l
         assert len(batches) > 2
 
 
-def test_a_list_in_one_call_joins_the_batch_queue_and_counts_as_one_call():
-    """`embed_many` (router.coalesce_embeds): one handle call, rows in the caller's order, the prompts batched
-    with a single call that arrives with them."""
+def test_a_list_encodes_at_once_without_the_batch_wait_and_counts_as_one_call():
+    """`embed_many` (router.coalesce_embeds): the list is one batch, encoded at once, whatever
+    `batch_wait_timeout_s` says (it was a minute here: a list that joined `serve.batch`'s queue waited for it)."""
     dep, calls = _replica(loop_max_chars=512, encode_s=0.0)
 
     async def main():
-        dep.embed_batch.set_max_batch_size(32)
-        dep.embed_batch.set_batch_wait_timeout_s(0.01)
-        return await asyncio.wait_for(asyncio.gather(dep.embed_many(["a", "bbb", "cc"]), dep("dddd")), 10)
+        dep._init_batching(32, 60.0)
+        return await asyncio.wait_for(dep.embed_many(["a", "bbb", "cc"]), 5)
 
-    many, one = asyncio.run(main())
-    assert many.shape == (3, 4) and many[:, 0].tolist() == [1.0, 3.0, 2.0] and one[0] == 4.0
-    assert sorted(t for _, batch in calls for t in batch) == ["a", "bbb", "cc", "dddd"]
-    assert len(calls) == 1  # the list and the single call formed one batch
-    assert dep.stats()["calls"] == 2 and dep.stats()["prompts"] == 4
+    many = asyncio.run(main())
+    assert many.shape == (3, 4) and many[:, 0].tolist() == [1.0, 3.0, 2.0]
+    assert [b for _, b in calls] == [["a", "bbb", "cc"]]
+    assert dep.stats()["calls"] == 1 and dep.stats()["prompts"] == 3 and dep.stats()["batches"] == 1
+
+
+@pytest.mark.parametrize("on_loop", [True, False])
+def test_lists_that_arrive_during_an_encode_encode_together_next_and_never_two_at_once(on_loop):
+    """Several router replicas' lists: the first encodes at once; those that arrive meanwhile wait and go
+    together when it ends; a single call (`__call__`, serve.batch) never encodes beside a list."""
+    dep, calls = _replica(loop_max_chars=512 if on_loop else 0, encode_s=0.2)
+    running, overlaps = [0], []
+    encode = dep._encode
+
+    def counted(texts):
+        running[0] += 1
+        overlaps.append(running[0])
+        try:
+            return encode(texts)
+        finally:
+            running[0] -= 1
+
+    dep._encode = counted
+
+    async def main():
+        dep._init_batching(32, 0.0)
+        loop = asyncio.get_running_loop()
+
+        def send():  # from another thread, as Ray hands a replica its calls, while the first list encodes
+            time.sleep(0.05)
+            return [
+                asyncio.run_coroutine_threadsafe(dep.embed_many(["ccc"]), loop),
+                asyncio.run_coroutine_threadsafe(dep.embed_many(["dddd", "eeeee"]), loop),
+                asyncio.run_coroutine_threadsafe(dep("ffffff"), loop),
+            ]
+
+        sender = asyncio.ensure_future(asyncio.to_thread(send))
+        first = await dep.embed_many(["a", "bb"])
+        rest = await sender
+        return first, *await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, rest)), 10)
+
+    a, c, d, f = asyncio.run(main())
+    assert a[:, 0].tolist() == [1.0, 2.0] and c[:, 0].tolist() == [3.0] and d[:, 0].tolist() == [4.0, 5.0]
+    assert f[0] == 6.0
+    batches = [b for _, b in calls]
+    assert batches[0] == ["a", "bb"]
+    assert ["ccc", "dddd", "eeeee"] in batches  # the two lists that waited: one batch
+    assert sorted(t for b in batches for t in b) == ["a", "bb", "ccc", "dddd", "eeeee", "ffffff"]
+    assert max(overlaps) == 1  # one encode at a time
+    assert dep.stats()["calls"] == 4
 
 
 def test_an_empty_list_embeds_to_no_rows():
