@@ -4,7 +4,9 @@ Concurrent requests each need one item (a prompt's embedding). Instead of one ha
 caller sends a list per call, with at most `max_in_flight` calls outstanding: while a call slot is free an item
 goes out at once (no wait when idle), and the items that arrive while every slot is busy wait here and leave
 together when a call returns. So under load a batch grows for as long as the callee is busy, and the callee
-handles a few calls instead of one per request (README, "Routing overhead").
+handles a few calls instead of one per request (README, "Routing overhead"). The embedder replica uses the same
+class for its own encodes (`EmbedderDeployment.embed_many`, one call in flight): lists that arrive while it
+encodes go together next.
 
 `serve.batch` does not do this: it forms its next batch as soon as one item waits, and queues that batch behind
 its concurrency limit, so its batches stay at about one item under steady load."""

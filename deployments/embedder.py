@@ -1,4 +1,5 @@
-"""Embedder deployment: all-MiniLM-L6-v2 with dynamic batching (`serve.batch`), CPU here, GPU when present.
+"""Embedder deployment: all-MiniLM-L6-v2, CPU here, GPU when present. A router that coalesces its calls sends
+lists, each a batch that encodes at once; single calls are batched by `serve.batch`.
 
 `embedder.backend` picks torch fp32 (default), ONNX Runtime, or ONNX Runtime int8 (CPU only); the first
 replica to start exports the ONNX model into the shared cache dir, the others wait for it (file lock)."""
@@ -53,8 +54,9 @@ class EmbedderDeployment:
         self.busy_s = 0.0
 
     def _init_batching(self, batch_size: int, batch_wait_timeout_s: float) -> None:
-        """Single calls: `serve.batch` with these settings. Lists (`embed_many`): a `Coalescer` that sends at
-        once when no encode runs. One lock: one encode at a time, whichever way it came (the replica's CPUs)."""
+        """Single calls: `serve.batch` with these settings. Lists (`embed_many`): a `Coalescer` with one call in
+        flight, so a list encodes at once unless another list is encoding (it may still wait on the lock behind a
+        batch of single calls). One lock: one encode at a time, whichever way it came (the replica's CPUs)."""
         self.embed_batch.set_max_batch_size(batch_size)
         self.embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._lists = Coalescer(self._encode_batch, max_batch=batch_size, max_in_flight=1)
@@ -100,8 +102,8 @@ class EmbedderDeployment:
     async def embed_many(self, texts: list[str]) -> np.ndarray:
         """Several prompts in one call (a router that coalesces its calls, `router.coalesce_embeds`). The list is
         a batch already: it encodes at once, with no `serve.batch` wait (README, "Routing overhead"). Lists that
-        arrive while an encode runs (several router replicas) wait and encode together when it ends
-        (`Coalescer`, one call at a time)."""
+        arrive while one encodes (a router keeps up to `router.embed_calls_in_flight` calls outstanding, and
+        there may be several routers) wait and encode together when it ends (`Coalescer`, one call at a time)."""
         self.calls += 1
         if not texts:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)

@@ -164,39 +164,56 @@ def test_a_list_encodes_at_once_without_the_batch_wait_and_counts_as_one_call():
     assert dep.stats()["calls"] == 1 and dep.stats()["prompts"] == 3 and dep.stats()["batches"] == 1
 
 
-@pytest.mark.parametrize("on_loop", [True, False])
-def test_lists_that_arrive_during_an_encode_encode_together_next_and_never_two_at_once(on_loop):
-    """Several router replicas' lists: the first encodes at once; those that arrive meanwhile wait and go
-    together when it ends; a single call (`__call__`, serve.batch) never encodes beside a list."""
-    dep, calls = _replica(loop_max_chars=512 if on_loop else 0, encode_s=0.2)
-    running, overlaps = [0], []
+def _gated(dep, calls):
+    """The replica's encode, holding its first batch until `gate` is set (the test's other calls are then
+    submitted, whether that encode blocks the loop or a thread), and counting encodes that overlap."""
+    gate, running, overlaps = threading.Event(), [0], []
     encode = dep._encode
 
-    def counted(texts):
+    def gated(texts):
         running[0] += 1
         overlaps.append(running[0])
         try:
+            if len(calls) == 0:
+                assert gate.wait(5)
             return encode(texts)
         finally:
             running[0] -= 1
 
-    dep._encode = counted
+    dep._encode = gated
+    return gate, overlaps
+
+
+def _submit_during_first_encode(loop, gate, overlaps, make_coros):
+    """From another thread, as Ray hands a replica its calls (they wait while the loop encodes): once the first
+    encode has begun, submit the calls, give them a moment to reach the replica's queues, then open the gate."""
+    deadline = time.monotonic() + 5
+    while not overlaps and time.monotonic() < deadline:
+        time.sleep(0.001)
+    futures = [asyncio.run_coroutine_threadsafe(c, loop) for c in make_coros()]
+    time.sleep(0.05)
+    gate.set()
+    return futures
+
+
+@pytest.mark.parametrize("on_loop", [True, False])
+def test_lists_that_arrive_during_an_encode_encode_together_next(on_loop):
+    """Lists that arrive while one encodes (a router's second call slot, other routers) go together as the next
+    batch: one call in flight. On the thread path a single call (`__call__`, serve.batch) may encode meanwhile
+    only behind the lock: never two encodes at once. (On the loop an encode blocks everything anyway.)"""
+    dep, calls = _replica(loop_max_chars=512 if on_loop else 0, encode_s=0.0)
+    gate, overlaps = _gated(dep, calls)
 
     async def main():
         dep._init_batching(32, 0.0)
         loop = asyncio.get_running_loop()
 
-        def send():  # from another thread, as Ray hands a replica its calls, while the first list encodes
-            time.sleep(0.05)
-            return [
-                asyncio.run_coroutine_threadsafe(dep.embed_many(["ccc"]), loop),
-                asyncio.run_coroutine_threadsafe(dep.embed_many(["dddd", "eeeee"]), loop),
-                asyncio.run_coroutine_threadsafe(dep("ffffff"), loop),
-            ]
+        def make_coros():
+            return dep.embed_many(["ccc"]), dep.embed_many(["dddd", "eeeee"]), dep("ffffff")
 
-        sender = asyncio.ensure_future(asyncio.to_thread(send))
-        first = await dep.embed_many(["a", "bb"])
-        rest = await sender
+        sender = asyncio.ensure_future(asyncio.to_thread(_submit_during_first_encode, loop, gate, overlaps, make_coros))
+        first = await asyncio.wait_for(dep.embed_many(["a", "bb"]), 10)
+        rest = await asyncio.wait_for(sender, 10)
         return first, *await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, rest)), 10)
 
     a, c, d, f = asyncio.run(main())
@@ -208,6 +225,42 @@ def test_lists_that_arrive_during_an_encode_encode_together_next_and_never_two_a
     assert sorted(t for b in batches for t in b) == ["a", "bb", "ccc", "dddd", "eeeee", "ffffff"]
     assert max(overlaps) == 1  # one encode at a time
     assert dep.stats()["calls"] == 4
+
+
+def test_a_list_whose_caller_left_is_not_encoded_and_an_error_fails_only_its_batch():
+    """A router that cancels its call (timeout, client gone) takes its prompts out of the next batch; an encode
+    that raises fails the callers of that batch, and the replica goes on."""
+    dep, calls = _replica(loop_max_chars=0, encode_s=0.0)
+    gate, overlaps = _gated(dep, calls)
+    encode = dep._encode
+
+    def failing(texts):
+        if "boom" in texts:
+            raise ValueError("encode failed")
+        return encode(texts)
+
+    dep._encode = failing
+
+    async def main():
+        dep._init_batching(32, 0.0)
+        first = asyncio.ensure_future(dep.embed_many(["a"]))  # encodes in a thread, held by the gate
+        while not overlaps:
+            await asyncio.sleep(0.001)
+        left = asyncio.ensure_future(dep.embed_many(["cancelled"]))
+        await asyncio.sleep(0.01)
+        left.cancel()
+        boom = asyncio.ensure_future(dep.embed_many(["boom"]))
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.wait_for(first, 5)
+        with pytest.raises(ValueError, match="encode failed"):
+            await asyncio.wait_for(boom, 5)
+        return await asyncio.wait_for(dep.embed_many(["after"]), 5)
+
+    after = asyncio.run(main())
+    assert after[:, 0].tolist() == [5.0]
+    assert "cancelled" not in [t for _, b in calls for t in b]
+    assert dep._lists.stats()["items"] == 3  # a, boom, after: the list whose caller left was never sent
 
 
 def test_an_empty_list_embeds_to_no_rows():
